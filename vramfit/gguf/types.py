@@ -1,0 +1,102 @@
+"""The ggml tensor type table: ids, block geometry and per-row metadata.
+
+Mainline ids and block sizes come from gguf-py; ik_llama.cpp's IQK ids (133-158) and their per-row
+metadata (a float32 or fp16 scale stored in front of every row) are added here, following
+shared/docs/iqk-formats.md section 1. Row sizes always include the row metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    name: str  # upper-case ggml name, e.g. "IQ4_KS"
+    id: int  # the value stored in a GGUF tensor-info record
+    block_size: int  # weights per block
+    type_size: int  # bytes per block
+    row_meta: int = 0  # bytes stored once per row, in front of the blocks
+
+    def row_nbytes(self, n_per_row: int) -> int:
+        if n_per_row % self.block_size:
+            raise ValueError(
+                f"{self.name}: row length {n_per_row} is not a multiple of the block size {self.block_size}"
+            )
+        return self.row_meta + (n_per_row // self.block_size) * self.type_size
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of a tensor whose shape is given innermost-last (numpy order)."""
+        n_rows = 1
+        for d in shape[:-1]:
+            n_rows *= d
+        return n_rows * self.row_nbytes(shape[-1]) if shape else self.row_nbytes(1)
+
+    @property
+    def bpw(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+
+# ik_llama.cpp-only types: (name, id, block_size, type_size, row_meta)
+_IK_TYPES = [
+    ("I2_S", 36, 1, 1, 0),
+    ("Q1_0_G128", 41, 128, 18, 0),
+    ("Q6_0", 133, 32, 26, 0),
+    ("IQ1_BN", 134, 64, 13, 2),
+    ("IQ2_BN", 135, 64, 16, 4),
+    ("IQ2_K", 137, 256, 76, 0),
+    ("IQ3_K", 138, 256, 110, 0),
+    ("IQ4_K", 139, 256, 144, 0),
+    ("IQ5_K", 140, 256, 176, 0),
+    ("IQ6_K", 141, 256, 212, 0),
+    ("IQ4_KS", 144, 256, 136, 4),
+    ("IQ2_KS", 145, 256, 70, 2),
+    ("IQ4_KSS", 146, 256, 128, 4),
+    ("Q8_KV", 151, 32, 32, 8),
+    ("IQ5_KS", 152, 256, 168, 4),
+    ("IQ2_KT", 153, 256, 68, 4),
+    ("IQ3_KT", 154, 256, 100, 4),
+    ("IQ4_KT", 155, 256, 128, 4),
+    ("IQ3_KS", 156, 256, 102, 2),
+    ("IQ2_KL", 157, 256, 86, 2),
+    ("IQ1_KT", 158, 256, 56, 4),
+]
+
+# Interleaved-row ids written by ik's --repack; recognised only to name them in errors.
+_REPACKED_IDS = range(202, 400)
+
+
+def _build() -> dict[int, GGMLType]:
+    table = {t.value: GGMLType(t.name, t.value, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType}
+    # ik's meaning wins where ids overlap (36 is a slot mainline retired; 41 has the same layout)
+    table.update({tid: GGMLType(n, tid, b, s, m) for n, tid, b, s, m in _IK_TYPES})
+    return table
+
+
+TYPES_BY_ID: dict[int, GGMLType] = _build()
+TYPES_BY_NAME: dict[str, GGMLType] = {t.name.lower(): t for t in TYPES_BY_ID.values()}
+
+
+class UnknownTypeError(ValueError):
+    pass
+
+
+def type_by_id(type_id: int) -> GGMLType:
+    t = TYPES_BY_ID.get(type_id)
+    if t is None:
+        if type_id in _REPACKED_IDS:
+            raise UnknownTypeError(
+                f"tensor type id {type_id} is an ik_llama.cpp row-interleaved (_R4/_R8) type; "
+                "requantize the file without --repack"
+            )
+        raise UnknownTypeError(f"unknown ggml tensor type id {type_id}")
+    return t
+
+
+def type_by_name(name: str) -> GGMLType:
+    t = TYPES_BY_NAME.get(name.lower())
+    if t is None:
+        raise UnknownTypeError(f"unknown ggml tensor type {name!r}")
+    return t

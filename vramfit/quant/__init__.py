@@ -1,0 +1,43 @@
+"""Quantization codecs. Public API: `decode(type_name, data, n_per_row)`, `encode(type_name, x, imatrix)`.
+
+Each family module registers its codecs on import; add a family by adding a file and listing it here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+from vramfit.quant.registry import Codec, UnsupportedTypeError, codec_names, get_codec, register
+
+_FAMILIES = ["floats", "legacy", "kquants"]
+for _family in _FAMILIES:
+    importlib.import_module(f"vramfit.quant.{_family}")
+
+
+def _as_tensor(a: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(dtype)
+
+
+def decode(type_name: str, data: np.ndarray | torch.Tensor, n_per_row: int) -> np.ndarray:
+    """Packed rows (rows, row_nbytes) uint8 -> float32 (rows, n_per_row)."""
+    codec = get_codec(type_name)
+    raw = _as_tensor(data, torch.uint8).reshape(-1, codec.gtype.row_nbytes(n_per_row))
+    return codec.decode(raw, n_per_row).numpy()
+
+
+def encode(type_name: str, x: np.ndarray | torch.Tensor, imatrix=None) -> np.ndarray:
+    """float32 (rows, n_per_row) -> packed rows (rows, row_nbytes) uint8."""
+    codec = get_codec(type_name)
+    xt = _as_tensor(x, torch.float32)
+    if xt.ndim != 2:
+        raise ValueError(f"encode expects a 2-D array, got shape {tuple(xt.shape)}")
+    codec.gtype.row_nbytes(xt.shape[1])  # raises for a row length that is not a block multiple
+    imat = None if imatrix is None else _as_tensor(imatrix, torch.float32)
+    return codec.encode(xt, imat).numpy()
+
+
+__all__ = ["Codec", "UnsupportedTypeError", "codec_names", "decode", "encode", "get_codec", "register"]
