@@ -1,0 +1,35 @@
+"""Shared fixtures: the read-only ../shared test data and the PyPI-shipped models (fetched once)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+QUANT_VECTORS = SHARED / "testdata" / "quant"
+REFERENCE = SHARED / "testdata" / "reference"
+
+# short name -> reference file stem in shared/testdata/reference
+REFERENCE_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1",
+    "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b-instruct-q4_k_m",
+}
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    """Returns a function: short name -> local GGUF path (downloaded and checked on first use)."""
+    from vramfit.hub import pull
+
+    return pull
+
+
+def load_reference(name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    stem = REFERENCE_MODELS[name]
+    meta = json.loads((REFERENCE / f"{stem}.dev.json").read_text())
+    arrays = dict(np.load(REFERENCE / f"{stem}.dev.npz"))
+    return meta, arrays
