@@ -1,0 +1,1 @@
+"""Compute kernels: the reference ops (CPU path and test oracle) and, later, fast paths."""

@@ -1,0 +1,1 @@
+"""Model architectures (one file each) and the GGUF loader that picks them."""

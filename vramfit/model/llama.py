@@ -1,0 +1,171 @@
+"""Llama-family decoder (llama, and the base of qwen2/qwen3): pre-norm blocks of GQA attention + SwiGLU.
+
+Config and weights come from GGUF as llama.cpp's converter writes them (names in `TENSORS`); q/k/v
+biases are used when the file has them. Forward runs float32 over a preallocated KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vramfit.kernels.dispatch import QWeight, linear
+from vramfit.model.layers import KVCache, Rope, RopeConfig, attention, rms_norm, swiglu
+from vramfit.model.loader import WeightSource, require
+
+# GGUF tensor names (per block, then global); the only place they appear for this family.
+TENSORS = {
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "wq": "blk.{i}.attn_q.weight",
+    "wk": "blk.{i}.attn_k.weight",
+    "wv": "blk.{i}.attn_v.weight",
+    "wo": "blk.{i}.attn_output.weight",
+    "bq": "blk.{i}.attn_q.bias",
+    "bk": "blk.{i}.attn_k.bias",
+    "bv": "blk.{i}.attn_v.bias",
+    "q_norm": "blk.{i}.attn_q_norm.weight",
+    "k_norm": "blk.{i}.attn_k_norm.weight",
+    "ffn_norm": "blk.{i}.ffn_norm.weight",
+    "w_gate": "blk.{i}.ffn_gate.weight",
+    "w_up": "blk.{i}.ffn_up.weight",
+    "w_down": "blk.{i}.ffn_down.weight",
+}
+GLOBAL_TENSORS = {
+    "embed": "token_embd.weight",
+    "norm": "output_norm.weight",
+    "output": "output.weight",
+    "rope_freqs": "rope_freqs.weight",
+}
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    n_ctx_train: int
+    norm_eps: float
+    rope: RopeConfig
+
+    rope_style = "norm"  # llama.cpp's LLAMA_ROPE_TYPE_NORM; qwen2 overrides with neox
+
+    @classmethod
+    def from_metadata(cls, md: dict[str, Any], n_vocab: int) -> LlamaConfig:
+        arch = md["general.architecture"]
+
+        def key(name: str, default: Any = None) -> Any:
+            return require(md, f"{arch}.{name}", default)
+
+        n_embd, n_head = key("embedding_length"), key("attention.head_count")
+        head_dim = key("attention.key_length", n_embd // n_head)
+        return cls(
+            arch=arch,
+            n_layer=key("block_count"),
+            n_embd=n_embd,
+            n_ff=key("feed_forward_length"),
+            n_head=n_head,
+            n_head_kv=key("attention.head_count_kv", n_head),
+            head_dim=head_dim,
+            n_vocab=md.get(f"{arch}.vocab_size", n_vocab),
+            n_ctx_train=key("context_length"),
+            norm_eps=key("attention.layer_norm_rms_epsilon"),
+            rope=rope_config(md, arch, head_dim, cls.rope_style),
+        )
+
+
+def rope_config(md: dict[str, Any], arch: str, head_dim: int, style: str) -> RopeConfig:
+    scaling = md.get(f"{arch}.rope.scaling.type", "none")
+    factor = md.get(f"{arch}.rope.scaling.factor", 0.0) or 1.0
+    if scaling == "linear" and factor == 1.0:
+        scaling = "none"
+    return RopeConfig(
+        dim=md.get(f"{arch}.rope.dimension_count", head_dim),
+        base=md.get(f"{arch}.rope.freq_base", 10000.0),
+        style=style,
+        scaling=scaling if scaling in ("linear", "yarn") else "none",
+        factor=factor,
+        orig_ctx=md.get(f"{arch}.rope.scaling.original_context_length", 0),
+        attn_factor=md.get(f"{arch}.rope.scaling.attn_factor", 1.0),
+    )
+
+
+@dataclass
+class Block:
+    attn_norm: torch.Tensor
+    wq: QWeight
+    wk: QWeight
+    wv: QWeight
+    wo: QWeight
+    ffn_norm: torch.Tensor
+    w_gate: QWeight
+    w_up: QWeight
+    w_down: QWeight
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # qwen3: RMSNorm over each head's q and k
+    k_norm: torch.Tensor | None = None
+
+
+class LlamaModel:
+    config_class = LlamaConfig
+
+    def __init__(self, cfg: LlamaConfig, src: WeightSource, n_ctx: int):
+        self.cfg = cfg
+        self.n_ctx = n_ctx
+        self.embed = src.qweight(GLOBAL_TENSORS["embed"])
+        self.norm = src.vector(GLOBAL_TENSORS["norm"])
+        tied = GLOBAL_TENSORS["output"] not in src
+        self.output = self.embed if tied else src.qweight(GLOBAL_TENSORS["output"])
+        self.blocks = [self._block(src, i) for i in range(cfg.n_layer)]
+        freqs = src.vector(GLOBAL_TENSORS["rope_freqs"]) if GLOBAL_TENSORS["rope_freqs"] in src else None
+        self.rope = Rope(cfg.rope, n_ctx, freqs)
+
+    def _block(self, src: WeightSource, i: int) -> Block:
+        names = {k: v.format(i=i) for k, v in TENSORS.items()}
+        fields: dict[str, Any] = {}
+        for field, name in names.items():
+            if name not in src:
+                continue  # optional tensors (biases, q/k norms); required ones fail in Block()
+            fields[field] = src.vector(name) if src.is_vector(name) else src.qweight(name)
+        try:
+            return Block(**fields)
+        except TypeError:
+            missing = [names[f] for f in Block.__dataclass_fields__ if f not in fields]
+            raise src.error(f"missing tensor {missing[0]}") from None
+
+    def new_cache(self) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, self.n_ctx)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """tokens (n,) int64 at positions start..start+n-1 -> hidden states (n, n_embd)."""
+        x = self.embed.rows(tokens)
+        pos = torch.arange(start, start + tokens.shape[0])
+        for i, blk in enumerate(self.blocks):
+            x = x + self._attention(blk, rms_norm(x, blk.attn_norm, self.cfg.norm_eps), cache, i, start, pos)
+            x = x + swiglu(rms_norm(x, blk.ffn_norm, self.cfg.norm_eps), blk.w_gate, blk.w_up, blk.w_down)
+        return rms_norm(x, self.norm, self.cfg.norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return linear(hidden, self.output)
+
+    def _attention(self, blk: Block, x: torch.Tensor, cache: KVCache, layer: int, start: int, pos):
+        c = self.cfg
+        n = x.shape[0]
+        q = linear(x, blk.wq, blk.bq).view(n, c.n_head, c.head_dim)
+        k = linear(x, blk.wk, blk.bk).view(n, c.n_head_kv, c.head_dim)
+        v = linear(x, blk.wv, blk.bv).view(n, c.n_head_kv, c.head_dim)
+        if blk.q_norm is not None:
+            q, k = rms_norm(q, blk.q_norm, c.norm_eps), rms_norm(k, blk.k_norm, c.norm_eps)
+        q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
+        cache.store(layer, start, k, v)
+        out = attention(q, cache, layer, start, scale=c.head_dim**-0.5)
+        return linear(out, blk.wo)

@@ -1,0 +1,108 @@
+"""GGUF -> model: finds the architecture class by `general.architecture` and hands it the tensors.
+
+Weights stay packed and memory-mapped (zero-copy); 1-D tensors (norms, biases) become float32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vramfit.gguf import GGUFFile
+from vramfit.kernels.dispatch import QWeight
+from vramfit.quant import UnsupportedTypeError, get_codec
+
+# general.architecture -> "module:Class", imported only when used
+ARCHITECTURES = {
+    "llama": "vramfit.model.llama:LlamaModel",
+    "qwen2": "vramfit.model.qwen2:Qwen2Model",
+}
+
+
+class ModelError(ValueError):
+    """A GGUF that cannot be turned into a model: unknown architecture, missing key or tensor."""
+
+
+_MISSING = object()
+
+
+def require(md: dict[str, Any], key: str, default: Any = _MISSING) -> Any:
+    if key in md:
+        return md[key]
+    if default is _MISSING or default is None:
+        raise ModelError(f"missing metadata key {key}")
+    return default
+
+
+def _as_torch(arr: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only mmap: we never write to it
+        return torch.from_numpy(arr)
+
+
+class WeightSource:
+    """Typed access to the tensors of an open GGUF file."""
+
+    def __init__(self, gguf: GGUFFile):
+        self.gguf = gguf
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.gguf.tensors
+
+    def error(self, msg: str) -> ModelError:
+        return ModelError(f"{self.gguf.path}: {msg}")
+
+    def _info(self, name: str):
+        if name not in self.gguf.tensors:
+            raise self.error(f"missing tensor {name}")
+        return self.gguf.tensors[name]
+
+    def is_vector(self, name: str) -> bool:
+        return len(self._info(name).shape) == 1
+
+    def qweight(self, name: str) -> QWeight:
+        t = self._info(name)
+        if len(t.shape) != 2:
+            raise self.error(f"tensor {name} has shape {list(t.shape)}, expected a matrix")
+        try:
+            get_codec(t.type)
+        except UnsupportedTypeError as e:
+            raise self.error(f"tensor {name}: {e}") from None
+        packed = _as_torch(self.gguf.tensor_bytes(name))
+        return QWeight(packed, t.type, (t.shape[0], t.shape[1]), name)
+
+    def vector(self, name: str) -> torch.Tensor:
+        t = self._info(name)
+        packed = _as_torch(self.gguf.tensor_bytes(name))
+        try:
+            return get_codec(t.type).decode(packed, t.shape[-1]).reshape(-1).clone()
+        except UnsupportedTypeError as e:
+            raise self.error(f"tensor {name}: {e}") from None
+
+
+def model_class(arch: str) -> type:
+    target = ARCHITECTURES.get(arch)
+    if target is None:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ModelError(f"unknown architecture {arch!r} (supported: {known})")
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_model(path: str | Path, n_ctx: int | None = None, gguf: GGUFFile | None = None):
+    """Returns (model, gguf). n_ctx defaults to min(training context, 4096)."""
+    gguf = gguf or GGUFFile(path)
+    md = gguf.metadata
+    arch = md.get("general.architecture")
+    if not arch:
+        raise ModelError(f"{gguf.path}: missing metadata key general.architecture")
+    cls = model_class(arch)
+    n_vocab = len(md.get("tokenizer.ggml.tokens", [])) or 0
+    cfg = cls.config_class.from_metadata(md, n_vocab)
+    n_ctx = n_ctx or min(cfg.n_ctx_train, 4096)
+    return cls(cfg, WeightSource(gguf), n_ctx), gguf
