@@ -312,7 +312,7 @@ class Tokenizer:
         """Split `text` into raw-text fragments (str) and special token ids (int), as llama.cpp does."""
         fragments: list[str | int] = [text]
         for tok, tid, needs_special in self._special:
-            if needs_special and not special or tok not in text:
+            if (needs_special and not special) or tok not in text:
                 continue
             fragments = [piece for frag in fragments for piece in _split_on(frag, tok, tid)]
         return [f for f in fragments if f != ""]
