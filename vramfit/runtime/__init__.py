@@ -1,0 +1,1 @@
+"""Runtime: tokenizer, chat templates, sampling, generation."""
