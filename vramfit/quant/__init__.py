@@ -12,7 +12,7 @@ import torch
 
 from vramfit.quant.registry import Codec, UnsupportedTypeError, codec_names, get_codec, register
 
-_FAMILIES = ["floats", "legacy", "kquants", "iq4"]
+_FAMILIES = ["floats", "legacy", "kquants", "iq4", "iqk_ks", "iqk"]
 for _family in _FAMILIES:
     importlib.import_module(f"vramfit.quant.{_family}")
 

@@ -1,0 +1,195 @@
+"""IQK row-scale types of ik_llama.cpp: IQ4_KS, IQ4_KSS, IQ5_KS (float32 row scale) and IQ2_KS,
+IQ3_KS, IQ2_KL (fp16 row scale).
+
+Every row starts with its scale `d_row`, followed by 256-weight super-blocks whose 32-weight
+sub-blocks carry small integer scales. Layouts and dequantization follow
+shared/docs/iqk-formats.md section 3 (ik_llama.cpp @ 8337e4cd, iqk_quantize.cpp); the encoders
+follow section 4 (see iqk_encode.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vramfit.quant import grids
+from vramfit.quant import iqk_encode as enc
+from vramfit.quant.iqk_common import QK_K, bits, dequant, f16_at, f32_at, nibble_pairs, split_rows, u16_at
+from vramfit.quant.registry import Codec, register
+
+
+def _odd_scale(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ4_KS/IQ5_KS scale byte -> (L odd in [-127, 127], shift flag)."""
+    s = s.to(torch.int32)
+    return (s & 0xFE) - 127, s & 1
+
+
+def _iq4ks_indices(qs: torch.Tensor) -> torch.Tensor:
+    """(..., 8, 16) qs bytes per sub-block -> (..., 8, 32) 4-bit indices (byte j: weights j, j+16)."""
+    return nibble_pairs(qs).flatten(-2)
+
+
+def _decode_iq4ks_blocks(d_row, scales, qs):
+    """d_row (rows,); scales (rows, nb, 8) uint8; qs (rows, nb, 8, 16) -> (rows, nb*256)."""
+    L, shift = _odd_scale(scales)
+    idx = _iq4ks_indices(qs) + 16 * shift.unsqueeze(-1)  # (rows, nb, 8, 32)
+    y = dequant(d_row[:, None, None], L, grids.IQ4K_VALUES, idx)
+    return y.reshape(d_row.shape[0], -1)
+
+
+@register
+class IQ4_KS(Codec):
+    """4.25 bpw: f32 row scale; per 32 weights one byte (7-bit odd scale + grid shift) and 16 nibble bytes."""
+
+    name = "iq4_ks"
+
+    def decode(self, data, n_per_row):
+        meta, blocks = split_rows(data, n_per_row, 4, 136)  # blocks: (rows, nb, 136)
+        qs = blocks[..., 8:].reshape(*blocks.shape[:2], 8, 16)
+        return _decode_iq4ks_blocks(f32_at(meta), blocks[..., :8], qs)
+
+    def encode(self, x, imatrix=None):
+        return _pack_iq4ks(*_encode_odd_scales(x, imatrix, grids.IQ4K_VALUES, ntry=7))
+
+
+def iq4kss_unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, nb, 128) IQ4_KSS blocks -> (scale bytes (rows, nb, 8), IQ4_KS-style qs (rows, nb, 8, 16))."""
+    w = u16_at(blocks).reshape(*blocks.shape[:2], 8, 8)  # (rows, nb, sub-block, word k)
+    ls = ((w & 1) << torch.arange(8, device=w.device, dtype=torch.int32)).sum(-1)
+    a = w & 0xFFFE
+    v = a ^ (a >> 1)  # even-parity nibble word: IQ4_KS qs bytes 2k (low) and 2k+1 (high)
+    qs = torch.stack([v & 0xFF, v >> 8], dim=-1).reshape(*blocks.shape[:2], 8, 16)
+    return ls, qs
+
+
+@register
+class IQ4_KSS(Codec):
+    """4.0 bpw: IQ4_KS with the scale bits and 15-bit parity-coded nibble quads packed in 16-bit words."""
+
+    name = "iq4_kss"
+
+    def decode(self, data, n_per_row):
+        meta, blocks = split_rows(data, n_per_row, 4, 128)
+        ls, qs = iq4kss_unpack(blocks)
+        return _decode_iq4ks_blocks(f32_at(meta), ls, qs)
+
+
+@register
+class IQ5_KS(Codec):
+    """5.25 bpw: f32 row scale; scales[8] as IQ4_KS, qs[128] (32-weight nibble planes), qh[32] 5th bits."""
+
+    name = "iq5_ks"
+
+    def decode(self, data, n_per_row):
+        meta, blocks = split_rows(data, n_per_row, 4, 168)
+        rows, nb = blocks.shape[:2]
+        L, shift = _odd_scale(blocks[..., :8])
+        low = nibble_pairs(blocks[..., 8:136].reshape(rows, nb, 4, 32)).reshape(rows, nb, 8, 32)
+        high = bits(blocks[..., 136:168], 8).transpose(-1, -2)  # (rows, nb, ib, j) = bit ib of qh[j]
+        idx = low | (high << 4) | (32 * shift).unsqueeze(-1)
+        return dequant(f32_at(meta)[:, None, None], L, grids.IQ5NL_VALUES, idx).reshape(rows, -1)
+
+
+def _two_bit_planes(qs: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(..., 32*(n_groups//4)) bytes -> (..., n_groups, 32): group g = bits 2*(g%4) of qs[32*(g//4) + j]."""
+    planes = bits(qs.reshape(*qs.shape[:-1], n_groups // 4, 32), 4, 2)  # (..., g//4, j, g%4)
+    return planes.transpose(-1, -2).reshape(*qs.shape[:-1], n_groups, 32)
+
+
+@register
+class IQ2_KS(Codec):
+    """2.1875 bpw: fp16 row scale; extra u16 (shifts, scale bit 4), 4-bit scales[4], 2-bit qs[64]."""
+
+    name = "iq2_ks"
+
+    def decode(self, data, n_per_row):
+        meta, blocks = split_rows(data, n_per_row, 2, 70)
+        rows, nb = blocks.shape[:2]
+        extra = bits(u16_at(blocks[..., 0:2]).squeeze(-1), 16)  # (rows, nb, 16)
+        low = nibble_pairs(blocks[..., 2:6]).transpose(-1, -2).reshape(rows, nb, 8)  # sub-block i: nib i%2
+        L = (low | (extra[..., 8:] << 4)) - 16
+        idx = _two_bit_planes(blocks[..., 6:70], 8) + 4 * extra[..., :8].unsqueeze(-1)
+        return dequant(f16_at(meta)[:, None, None], L, grids.IQ2NL_VALUES, idx).reshape(rows, -1)
+
+
+@register
+class IQ3_KS(Codec):
+    """3.1875 bpw: fp16 row scale; extra u16, scales[4] (nibbles), 2-bit qs[64], qh[32] 3rd bits."""
+
+    name = "iq3_ks"
+
+    def decode(self, data, n_per_row):
+        meta, blocks = split_rows(data, n_per_row, 2, 102)
+        rows, nb = blocks.shape[:2]
+        extra = bits(u16_at(blocks[..., 0:2]).squeeze(-1), 16)
+        low = nibble_pairs(blocks[..., 2:6]).reshape(rows, nb, 8)  # sub-block i<4: low nibble of scales[i]
+        L = (low | (extra[..., :8] << 4)) - 16
+        high = bits(blocks[..., 70:102], 8).transpose(-1, -2)  # (rows, nb, ib, j)
+        idx = _two_bit_planes(blocks[..., 6:70], 8) | (high << 2) | (8 * extra[..., 8:]).unsqueeze(-1)
+        return dequant(f16_at(meta)[:, None, None], L, grids.IQ3NL_VALUES, idx).reshape(rows, -1)
+
+
+@register
+class IQ2_KL(Codec):
+    """2.6875 bpw: fp16 row scale; 6-bit scales (scales_h u16, scales_l[4]); 5-bit pair indices (qs, qh)."""
+
+    name = "iq2_kl"
+
+    def decode(self, data, n_per_row):
+        meta, blocks = split_rows(data, n_per_row, 2, 86)
+        rows, nb = blocks.shape[:2]
+        sh = bits(u16_at(blocks[..., 0:2]).squeeze(-1), 8, 2)  # (rows, nb, ib)
+        sl = nibble_pairs(blocks[..., 2:6]).reshape(rows, nb, 8)  # ib: nibble ib//4 of scales_l[ib%4]
+        L = (sl | (sh << 4)) - 32
+        low = nibble_pairs(blocks[..., 6:70].reshape(rows, nb, 4, 16)).reshape(rows, nb, 8, 16)
+        high = bits(blocks[..., 70:86], 8).transpose(-1, -2)  # (rows, nb, ib, j) = bit ib of qh[j]
+        pair = (low | (high << 4)).long()  # (rows, nb, 8, 16): one pair index per 2 weights
+        values = grids.IQ2KL_PAIRS.to(device=data.device, dtype=torch.float32)[pair].flatten(-2)
+        dl = f16_at(meta)[:, None, None] * L.to(torch.float32)
+        return (dl.unsqueeze(-1) * values).reshape(rows, -1)
+
+
+def _encode_odd_scales(x, imatrix, grid, ntry):
+    """Sections 4.1 / 4.3: two-pass search for the f32-row-scale types with odd 7-bit block scales.
+
+    x: (rows, n) -> (d_row (rows,), scale bytes (rows, nb*8) int32, indices (rows, nb*8, 32) into grid).
+    """
+    rows, n = x.shape
+    n_sub = n // 32
+    w = enc.importance(x.reshape(rows, -1, QK_K), imatrix, 32).reshape(rows, n_sub, 32)
+    xb = x.reshape(rows, n_sub, 32)
+    # pass 1: free float scale and grid shift per 32-block
+    scale, shift = enc.search_scales(xb.reshape(-1, 32), w.reshape(-1, 32), grid, ntry)
+    scale, shift = scale.reshape(rows, n_sub), shift.reshape(rows, n_sub)
+    # pass 2: row scale, odd block scales, final indices, row refit
+    d_row = scale.abs().amax(-1) / 127  # (rows,)
+    nonzero = d_row > 0
+    inv_d = 1 / torch.where(nonzero, d_row, torch.ones_like(d_row))
+    lev = enc.rint(0.5 * enc.fma(inv_d.unsqueeze(-1), scale, torch.full_like(scale, 127.0)))
+    lev = lev.clamp(0, 127).to(torch.int32)
+    L = (2 * lev - 127).to(torch.float32)
+    dl = d_row.unsqueeze(-1) * L
+    idx = enc.nearest_in_shifted(grid, shift, (1 / dl).unsqueeze(-1) * xb)
+    q = grid.to(device=x.device, dtype=torch.float32)[idx] * L.unsqueeze(-1)
+    A, B = enc.row_refit(w, q, xb, 16)
+    d_row = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d_row)
+    scale_bytes = (lev << 1) | shift
+    keep = nonzero.unsqueeze(-1)
+    return (
+        torch.where(nonzero, d_row, torch.zeros_like(d_row)),
+        torch.where(keep, scale_bytes, torch.zeros_like(scale_bytes)),
+        torch.where(keep.unsqueeze(-1), idx, torch.zeros_like(idx)),
+    )
+
+
+def _f32_bytes(d: torch.Tensor) -> torch.Tensor:
+    """(rows,) float32 -> (rows, 4) uint8."""
+    return d.to(torch.float32).contiguous().view(torch.uint8).reshape(-1, 4)
+
+
+def _pack_iq4ks(d_row, scale_bytes, idx):
+    """-> (rows, 4 + nb*136) uint8. idx (rows, nb*8, 32) indices into the 32-entry grid."""
+    rows = d_row.shape[0]
+    nib = (idx & 15).reshape(rows, -1, 8, 2, 16)  # (rows, nb, ib, half, j)
+    qs = (nib[..., 0, :] | (nib[..., 1, :] << 4)).reshape(rows, -1, 128)
+    blocks = torch.cat([scale_bytes.reshape(rows, -1, 8), qs], dim=-1).to(torch.uint8)
+    return torch.cat([_f32_bytes(d_row), blocks.reshape(rows, -1)], dim=-1)
