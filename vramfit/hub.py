@@ -74,7 +74,10 @@ def resolve(name_or_path: str) -> Path:
         return pull(name_or_path)
     if name_or_path.startswith("hf:"):
         return _pull_hf(name_or_path[3:])
-    return Path(name_or_path)
+    path = Path(name_or_path)
+    if not path.exists() and "/" not in name_or_path and not name_or_path.endswith(".gguf"):
+        raise PullError(f"{name_or_path}: no such file or model name (known names: {', '.join(MODELS)})")
+    return path
 
 
 def pull(name: str) -> Path:

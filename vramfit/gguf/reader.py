@@ -101,7 +101,9 @@ class _Cursor:
         try:
             return VT(raw)
         except ValueError:
-            raise GGUFError(f"{self.path}: unknown metadata value type {raw} at byte {self.pos - 4}") from None
+            raise GGUFError(
+                f"{self.path}: unknown metadata value type {raw} at byte {self.pos - 4}"
+            ) from None
 
 
 class GGUFFile:
@@ -109,6 +111,8 @@ class GGUFFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise GGUFError(f"{self.path}: is a directory, not a GGUF file")
         if not self.path.is_file():
             raise GGUFError(f"{self.path}: no such file")
         with open(self.path, "rb") as f:

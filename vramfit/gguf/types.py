@@ -100,3 +100,22 @@ def type_by_name(name: str) -> GGMLType:
     if t is None:
         raise UnknownTypeError(f"unknown ggml tensor type {name!r}")
     return t
+
+
+# llama_ftype values (`general.file_type`) -> display names; ik-only values from iqk-formats.md 1.2
+FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K - Medium",
+    11: "Q3_K - Small", 12: "Q3_K - Medium", 13: "Q3_K - Large", 14: "Q4_K - Small", 15: "Q4_K - Medium",
+    16: "Q5_K - Small", 17: "Q5_K - Medium", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K - Small",
+    22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 38: "MXFP4", 135: "Q6_0", 136: "IQ1_BN",
+    137: "IQ2_BN", 138: "IQ2_K", 139: "IQ3_K", 140: "IQ4_K", 141: "IQ5_K", 142: "IQ6_K", 145: "IQ4_KS",
+    146: "IQ3_KL", 147: "IQ2_KS", 148: "IQ4_KSS", 150: "IQ5_KS", 151: "IQ2_KT", 152: "IQ3_KT",
+    153: "IQ4_KT", 154: "IQ3_KS", 155: "IQ2_KL", 156: "IQ1_KT",
+}  # fmt: skip
+
+
+def file_type_name(ftype: int | None) -> str:
+    if ftype is None:
+        return "?"
+    return FILE_TYPES.get(int(ftype), f"ftype {ftype}")

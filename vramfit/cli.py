@@ -1,0 +1,125 @@
+"""The `vramfit` command: run, chat, inspect, pull, bench. Verbs import their work lazily.
+
+Every failure the user can cause (missing or bad file, unknown model, prompt too long) ends in one
+line on stderr and exit status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+EXIT_USAGE = 2
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model", help="GGUF path, short name (smollm2-135m, qwen2.5-coder-0.5b, ...) or hf:OWNER/REPO/FILE"
+    )
+    p.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: min(train, 4096))")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        repeat_last_n=args.repeat_last_n,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vramfit", description="Run GGUF language models on CPU or GPU.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("run", help="generate a completion for a prompt")
+    _add_model(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_sampling(p)
+
+    p = sub.add_parser("chat", help="interactive chat that keeps history")
+    _add_model(p)
+    p.add_argument("-s", "--system", default=None, help="system message")
+    _add_sampling(p)
+    p.set_defaults(n_predict=512)
+
+    p = sub.add_parser("inspect", help="metadata and tensor table of a GGUF")
+    p.add_argument("model")
+    p.add_argument("--all-metadata", action="store_true", help="print long arrays and the chat template too")
+
+    p = sub.add_parser("pull", help="download a model by short name or hf:OWNER/REPO/FILE")
+    p.add_argument("name")
+
+    p = sub.add_parser("bench", help="llama-bench style prompt-processing and generation speed")
+    _add_model(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=512)
+    p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def _cmd(verb: str) -> Callable[[argparse.Namespace], int]:
+    from vramfit import commands
+
+    return getattr(commands, f"cmd_{verb}")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from vramfit.gguf import GGUFError, UnknownTypeError
+    from vramfit.hub import PullError
+    from vramfit.model.loader import ModelError
+    from vramfit.quant import UnsupportedTypeError
+    from vramfit.runtime.chat_template import ChatTemplateError
+    from vramfit.runtime.engine import ContextOverflowError
+    from vramfit.runtime.tokenizer import TokenizerError
+
+    return (
+        GGUFError, UnknownTypeError, PullError, ModelError, UnsupportedTypeError, ChatTemplateError,
+        ContextOverflowError, TokenizerError, FileNotFoundError, PermissionError, IsADirectoryError,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _cmd(args.verb)(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # one line for the user; --debug for the traceback
+        if args.debug:
+            raise
+        known = isinstance(e, _user_errors())
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"vramfit: error: {msg}" if known else f"vramfit: internal error: {type(e).__name__}: {msg}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE if known else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""CLI verb implementations. Each wraps a library call; output for people goes through rich."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def _status(msg: str):
+    if err.is_terminal:
+        with err.status(msg):
+            yield
+    else:
+        yield
+
+
+def _load(args: argparse.Namespace):
+    from vramfit.api import Model
+    from vramfit.hub import resolve
+
+    path = resolve(args.model)
+    with _status(f"loading {path.name}"):
+        return Model(path, args.ctx)
+
+
+def _print_stats(m) -> None:
+    s = m.last_stats
+    err.print(
+        f"[dim]prompt {s.prompt_tokens} tokens ({s.cached_tokens} cached), {s.prefill_tps:.1f} t/s | "
+        f"generated {s.generated_tokens} tokens, {s.decode_tps:.1f} t/s | stop: {s.finish_reason}[/dim]"
+    )
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vramfit.cli import _sampling
+
+    m = _load(args)
+    if args.chat:
+        prompt = m.render([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+        _write(prompt)
+    for piece in m.generate(prompt, args.n_predict, stream=True, stop=args.stop, **_sampling(args)):
+        _write(piece)
+    _write("\n")
+    _print_stats(m)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from vramfit.cli import _sampling
+
+    m = _load(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    err.print(f"[dim]chatting with {m.path.name} (ctx {m.n_ctx}); /reset clears, /exit or Ctrl-D quits[/dim]")
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            break
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            err.print("[dim]history cleared[/dim]")
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = _fit_history(m, history, args.n_predict)
+        reply = []
+        for piece in m.generate(prompt, args.n_predict, stream=True, stop=args.stop, **_sampling(args)):
+            _write(piece)
+            reply.append(piece)
+        _write("\n")
+        _print_stats(m)
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+    return 0
+
+
+def _fit_history(m, history: list[dict], n_predict: int) -> str:
+    """Render the conversation, dropping the oldest turns (never the system message or the last user
+    message) until it leaves room for the reply."""
+    budget = m.n_ctx - min(n_predict, m.n_ctx // 2)
+    while True:
+        prompt = m.render(history)
+        n = len(m.tokenize(prompt, special=True))
+        first = 1 if history[0]["role"] == "system" else 0
+        if n <= budget or len(history) - first <= 1:
+            return prompt
+        del history[first]
+        err.print("[dim]context full: dropped the oldest message[/dim]")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vramfit.gguf import GGUFFile
+    from vramfit.hub import resolve
+
+    g = GGUFFile(resolve(args.model))
+    out.print(f"[bold]{g.path}[/bold]  GGUF v{g.version}, {len(g.tensors)} tensors, alignment {g.alignment}")
+    meta = Table(title="metadata", show_lines=False)
+    meta.add_column("key")
+    meta.add_column("value", overflow="fold")
+    for key, value in g.metadata.items():
+        meta.add_row(key, _show_value(key, value, args.all_metadata))
+    out.print(meta)
+    out.print(_tensor_table(g))
+    return 0
+
+
+def _show_value(key: str, value, full: bool) -> str:
+    if isinstance(value, list):
+        if full:
+            return repr(value)
+        head = ", ".join(repr(v) for v in value[:4])
+        return f"[{len(value)} items: {head}{', ...' if len(value) > 4 else ''}]"
+    if isinstance(value, str) and len(value) > 120 and not full:
+        return repr(value[:100]) + f" ... ({len(value)} chars)"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _tensor_table(g) -> Table:
+    t = Table(title="tensors")
+    for col in ("name", "type", "shape", "bytes", "bpw"):
+        t.add_column(col, justify="right" if col in ("bytes", "bpw") else "left")
+    by_type: dict[str, list[int]] = {}
+    for info in g.tensors.values():
+        bpw = 8 * info.nbytes / max(info.n_elements, 1)
+        shape = "[" + ", ".join(str(d) for d in reversed(info.shape)) + "]"  # ggml order, ne0 first
+        t.add_row(info.name, info.type.name, shape, f"{info.nbytes:,}", f"{bpw:.3f}")
+        acc = by_type.setdefault(info.type.name, [0, 0, 0])
+        acc[0], acc[1], acc[2] = acc[0] + 1, acc[1] + info.n_elements, acc[2] + info.nbytes
+    n_el = sum(v[1] for v in by_type.values())
+    n_b = sum(v[2] for v in by_type.values())
+    summary = ", ".join(f"{k}: {v[0]}" for k, v in sorted(by_type.items()))
+    t.caption = (
+        f"{n_el / 1e6:.2f} M weights, {n_b / 2**20:.2f} MiB, {8 * n_b / max(n_el, 1):.3f} bpw ({summary})"
+    )
+    return t
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from vramfit.gguf import GGUFFile
+    from vramfit.hub import pull
+
+    path = pull(args.name)
+    g = GGUFFile(path)  # checks that what arrived is a readable GGUF
+    out.print(f"{path}  ({path.stat().st_size / 2**20:.1f} MiB, {g.architecture}, {len(g.tensors)} tensors)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vramfit.eval.bench import format_table, run_bench
+
+    if args.ctx is None:
+        args.ctx = max(args.n_prompt, args.n_gen, 16)
+    m = _load(args)
+    rows = run_bench(m, args.n_prompt, args.n_gen, args.repetitions)
+    if args.json:
+        _write(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+    else:
+        out.print(format_table(rows))
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: speed benchmarks, perplexity and KL divergence."""
