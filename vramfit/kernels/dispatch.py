@@ -39,7 +39,13 @@ class QWeight:
         return self.packed.numel()
 
 
+# Callables (weight, x) that see every matrix input; the imatrix collector registers one here.
+input_observers: list = []
+
+
 def linear(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in_features) float32 -> (..., out_features)."""
+    for observe in input_observers:
+        observe(w, x)
     y = x @ w.dense().T
     return y if bias is None else y + bias
