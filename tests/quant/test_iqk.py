@@ -39,9 +39,9 @@ IQK_TYPES = [
     "iq6_k",
 ]
 # type -> minimal fraction of blocks whose bytes equal the reference encoder's
-ENCODERS = {"iq4_ks": 0.99}
+ENCODERS = {"iq4_ks": 0.99, "iq4_k": 0.99, "iq5_ks": 0.99}
 # loose round-trip bound on gaussian rows (relative RMSE), per type
-RMSE_BOUND = {"iq4_ks": 0.15}
+RMSE_BOUND = {"iq4_ks": 0.15, "iq4_k": 0.15, "iq5_ks": 0.08}
 
 
 @functools.cache

@@ -11,8 +11,11 @@ from __future__ import annotations
 import torch
 
 from vramfit.quant import grids
-from vramfit.quant.iqk_common import bits, dequant, f16_at, nibble_pairs, split_rows, u16_at
+from vramfit.quant import iqk_encode as enc
+from vramfit.quant.iqk_common import QK_K, bits, dequant, f16_at, nibble_pairs, split_rows, u16_at
 from vramfit.quant.registry import Codec, register
+
+IQ6K_NTRY = 5
 
 
 def _header(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +95,12 @@ class IQ4_K(Codec):
         idx = nibble_pairs(blocks[..., 16:144].reshape(rows, nb, 8, 16)).reshape(rows, nb, 16, 16)
         return _finish(d, L, grids.IQ4K_VALUES, idx + 16 * extra.unsqueeze(-1), rows)
 
+    def encode(self, x, imatrix=None):
+        d, L, shift, idx = _encode_bs16(x, imatrix, grids.IQ4K_VALUES, ntry=7, lmax=32)
+        nib = (idx & 15).reshape(*idx.shape[:2], 8, 2, 16)  # (rows, nb, pair i, sub-block 2i+h, j)
+        qs = (nib[..., 0, :] | (nib[..., 1, :] << 4)).flatten(-2)
+        return _finish_bytes([_header_bytes(d, shift), _pack_six_bit_scales(L), qs])
+
 
 def _nibble_planes(qs: torch.Tensor) -> torch.Tensor:
     """(..., 128) bytes -> (..., 8, 32): group 2c+h = nibble h of qs[32c + j] (IQ5_K / IQ6_K order)."""
@@ -113,6 +122,13 @@ class IQ5_K(Codec):
         idx = _to_sub16(_nibble_planes(blocks[..., 16:144]) | (high << 4))
         return _finish(d, L, grids.IQ5NL_VALUES, idx + 32 * extra.unsqueeze(-1), rows)
 
+    def encode(self, x, imatrix=None):
+        d, L, shift, idx = _encode_bs16(x, imatrix, grids.IQ5NL_VALUES, ntry=5, lmax=32, plain_sigma=0.25)
+        g = (idx & 31).reshape(*idx.shape[:2], 8, 32)  # 32-weight groups
+        qs, high = _pack_nibble_planes(g & 15), g >> 4
+        qh = (high << torch.arange(8, device=x.device, dtype=torch.int32)[:, None]).sum(-2)  # (rows, nb, 32)
+        return _finish_bytes([_header_bytes(d, shift), _pack_six_bit_scales(L), qs, qh])
+
 
 @register
 class IQ6_K(Codec):
@@ -129,3 +145,90 @@ class IQ6_K(Codec):
         high = qh.transpose(-1, -2).reshape(rows, nb, 8, 32)
         idx = _to_sub16(_nibble_planes(blocks[..., 20:148]) | (high << 4))
         return _finish(d, L, grids.IQ6NL_VALUES, idx + 64 * extra.unsqueeze(-1), rows)
+
+    def encode(self, x, imatrix=None):
+        d, L, shift, idx = _encode_bs16(
+            x, imatrix, grids.IQ6NL_VALUES, ntry=IQ6K_NTRY, lmax=127, plain_sigma=0.25
+        )
+        g = (idx & 63).reshape(*idx.shape[:2], 8, 32)
+        qs = _pack_nibble_planes(g & 15)
+        high = (g >> 4).reshape(*idx.shape[:2], 2, 4, 32)  # (rows, nb, g//4, g%4, j)
+        qh = (high << (2 * torch.arange(4, device=x.device, dtype=torch.int32))[:, None]).sum(-2).flatten(-2)
+        return _finish_bytes([_header_bytes(d, shift), L & 0xFF, qs, qh])
+
+
+def _superblock_refit(w, q, x):
+    """Super-block refit sums, sequential over its 256 weights: (rows, nb, 16, 16) -> A, B (rows, nb)."""
+    wf, qf, xf = (t.flatten(-2).double() for t in (w, q, x))
+    A = torch.zeros(wf.shape[:-1], dtype=torch.float32, device=w.device)
+    B = torch.zeros_like(A)
+    for j in range(wf.shape[-1]):
+        wq = (wf[..., j] * qf[..., j]).float().double()
+        A = (wq * xf[..., j] + A).float()
+        B = (wq * qf[..., j] + B).float()
+    return A, B
+
+
+def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0):
+    """Sections 4.2 / 4.5: IQ4_K-pattern two-pass search with 16-weight sub-blocks and an fp16 d.
+
+    x: (rows, n) -> d (rows, nb) float32 (fp16-representable), L (rows, nb, 16) int32 in
+    [-lmax, lmax-1] (IQ6_K: [-lmax, lmax]), shift (rows, nb, 16) int32, idx (rows, nb, 16, 16) into grid.
+    """
+    rows, n = x.shape
+    nb = n // QK_K
+    xs = x.reshape(rows, nb, 16, 16)
+    w = enc.importance(x.reshape(rows, nb, QK_K), imatrix, 16, plain_sigma).reshape(xs.shape)
+    # pass 1: free float scale and grid shift per 16-block
+    scale, shift = enc.search_scales(xs.reshape(-1, 16), w.reshape(-1, 16), grid, ntry)
+    scale, shift = scale.reshape(rows, nb, 16), shift.reshape(rows, nb, 16)
+    # pass 2: the largest block maps to -lmax; integer block scales; final indices; refit d
+    kmax = scale.abs().argmax(-1, keepdim=True)
+    d = -scale.gather(-1, kmax) / lmax  # (rows, nb, 1)
+    nonzero = d != 0
+    inv_d = 1 / torch.where(nonzero, d, torch.ones_like(d))
+    hi = lmax if lmax == 127 else lmax - 1
+    L = enc.rint(inv_d * scale).clamp(-lmax, hi)  # (rows, nb, 16) float
+    dl = d * L
+    idl = torch.where(dl != 0, 1 / torch.where(dl != 0, dl, torch.ones_like(dl)), torch.zeros_like(dl))
+    idx = enc.nearest_in_shifted(grid, shift, idl.unsqueeze(-1) * xs)
+    q = grid.to(device=x.device, dtype=torch.float32)[idx] * L.unsqueeze(-1)
+    A, B = _superblock_refit(w, q, xs)
+    d = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d.squeeze(-1))
+    d = torch.where(nonzero.squeeze(-1), d, torch.zeros_like(d)).to(torch.float16).to(torch.float32)
+    keep = nonzero.unsqueeze(-1)
+    L = torch.where(nonzero, L, torch.zeros_like(L)).to(torch.int32)
+    shift = torch.where(nonzero, shift, torch.zeros_like(shift))
+    return d, L, shift, torch.where(keep, idx, torch.zeros_like(idx))
+
+
+def _header_bytes(d: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """d (rows, nb) float32, shift (rows, nb, 16) -> (rows, nb, 4) uint8: fp16 d | extra u16."""
+    dh = d.to(torch.float16).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    extra = (shift << torch.arange(16, device=d.device, dtype=torch.int32)).sum(-1)
+    return _u16_bytes(torch.stack([dh, extra], dim=-1))
+
+
+def _u16_bytes(words: torch.Tensor) -> torch.Tensor:
+    """(..., k) int32 16-bit words -> (..., 2k) int32 bytes, little-endian."""
+    return torch.stack([words & 0xFF, (words >> 8) & 0xFF], dim=-1).flatten(-2)
+
+
+def _pack_six_bit_scales(L: torch.Tensor) -> torch.Tensor:
+    """(..., 16) L in [-32, 31] -> (..., 12) bytes: scales_h[4] | scales_l[8] (inverse of _six_bit_scales)."""
+    u = L + 32
+    low = u & 15
+    sl = low[..., 0::2] | (low[..., 1::2] << 4)
+    high = (u >> 4).reshape(*u.shape[:-1], 4, 4) << (2 * torch.arange(4, device=L.device, dtype=torch.int32))
+    return torch.cat([high.sum(-1), sl], dim=-1)
+
+
+def _pack_nibble_planes(low: torch.Tensor) -> torch.Tensor:
+    """(rows, nb, 8, 32) 4-bit values -> (rows, nb, 128): group 2c+h into nibble h of qs[32c + j]."""
+    pairs = low.reshape(*low.shape[:-2], 4, 2, 32)
+    return (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).flatten(-2)
+
+
+def _finish_bytes(parts: list[torch.Tensor]) -> torch.Tensor:
+    blocks = torch.cat(parts, dim=-1).to(torch.uint8)  # (rows, nb, block_bytes)
+    return blocks.reshape(blocks.shape[0], -1)

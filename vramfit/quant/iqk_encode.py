@@ -35,23 +35,25 @@ def nearest_index(grid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(take_lo, lo, hi)
 
 
-def importance(xs: torch.Tensor, imatrix: torch.Tensor | None, block: int) -> torch.Tensor:
+def importance(xs: torch.Tensor, imatrix: torch.Tensor | None, block: int, plain_sigma: float = 0.0):
     """Per-weight error weights (4.0). xs: (rows, n_sb, 256) -> (rows, n_sb, 256) float32.
 
     With an imatrix: imatrix_j * sqrt(sigma2 + x_j^2), sigma2 = 2*mean(x^2) over the super-block;
     imatrix blocks of `block` columns that are degenerate for a row are replaced by 1e-9.
-    Without: x_j^2.
+    Without: plain_sigma*sigma2 + x_j^2 (0 for most types; IQ3_K, IQ5_K and IQ6_K use 0.25).
     """
-    if imatrix is None:
+    if imatrix is None and plain_sigma == 0.0:
         return xs * xs
     rows, n_sb, _ = xs.shape
     sumx2 = torch.zeros(rows, n_sb, dtype=torch.float32, device=xs.device)
     for j in range(QK_K):  # sequential, as the reference accumulates
         sumx2 = sumx2 + xs[..., j] * xs[..., j]
-    sigma2 = (sumx2 * (2.0 / QK_K)).unsqueeze(-1)
+    sigma2 = (sumx2 * (2.0 / QK_K)).unsqueeze(-1).expand_as(xs)
+    if imatrix is None:
+        return fma(xs, xs, plain_sigma * sigma2)
     imat = imatrix.to(device=xs.device, dtype=torch.float32).reshape(1, n_sb, QK_K).expand(rows, -1, -1)
     imat = _qhelper(imat, xs, block)
-    return imat * torch.sqrt(fma(xs, xs, sigma2.expand_as(xs)))
+    return imat * torch.sqrt(fma(xs, xs, sigma2))
 
 
 def _qhelper(imat: torch.Tensor, xs: torch.Tensor, block: int) -> torch.Tensor:
@@ -165,18 +167,26 @@ def nearest_in_shifted(grid: torch.Tensor, shift: torch.Tensor, v: torch.Tensor)
 
 
 def row_refit(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, pair: int):
-    """Row-scale refit sums over all blocks of a row, sequentially, pairing weights j and j+pair.
+    """Row-scale refit sums (A, B) = (sum w q x, sum w q^2) per row, sequential over all its weights.
 
-    w, q, x: (rows, n_blocks, 2*pair). Returns (A, B) = (sum w q x, sum w q^2) per row; each pair
-    term is fma(w1*q1, x1, w2*q2*x2), as the reference build contracts it.
+    w, q, x: (rows, n_blocks, block). With pair > 0 weights j and j+pair of a block are added as
+    one term fma(w1*q1, x1, w2*q2*x2) (IQ4_KS); with pair == 0 every weight is one FMA step
+    (IQ5_KS), as the reference build contracts them.
     """
     rows = w.shape[0]
     A = torch.zeros(rows, dtype=torch.float32, device=w.device)
     B = torch.zeros_like(A)
-    for ib in range(w.shape[1]):
-        for j in range(pair):
-            w1, q1, x1 = w[:, ib, j], q[:, ib, j], x[:, ib, j]
-            w2, q2, x2 = w[:, ib, j + pair], q[:, ib, j + pair], x[:, ib, j + pair]
-            A = A + fma(w1 * q1, x1, w2 * q2 * x2)
-            B = B + fma(w1 * q1, q1, w2 * q2 * q2)
+    wq = w * q
+    if pair == 0:
+        wq, qf, xf = wq.flatten(1).double(), q.flatten(1).double(), x.flatten(1).double()
+        for j in range(wq.shape[1]):
+            A = (wq[:, j] * xf[:, j] + A).float()
+            B = (wq[:, j] * qf[:, j] + B).float()
+        return A, B
+    lo, hi = slice(0, pair), slice(pair, 2 * pair)
+    terms_a = fma(wq[..., lo], x[..., lo], wq[..., hi] * x[..., hi]).flatten(1)
+    terms_b = fma(wq[..., lo], q[..., lo], wq[..., hi] * q[..., hi]).flatten(1)
+    for j in range(terms_a.shape[1]):
+        A = A + terms_a[:, j]
+        B = B + terms_b[:, j]
     return A, B

@@ -48,7 +48,7 @@ class IQ4_KS(Codec):
         return _decode_iq4ks_blocks(f32_at(meta), blocks[..., :8], qs)
 
     def encode(self, x, imatrix=None):
-        return _pack_iq4ks(*_encode_odd_scales(x, imatrix, grids.IQ4K_VALUES, ntry=7))
+        return _pack_iq4ks(*_encode_odd_scales(x, imatrix, grids.IQ4K_VALUES, ntry=7, pair=16))
 
 
 def iq4kss_unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +87,17 @@ class IQ5_KS(Codec):
         high = bits(blocks[..., 136:168], 8).transpose(-1, -2)  # (rows, nb, ib, j) = bit ib of qh[j]
         idx = low | (high << 4) | (32 * shift).unsqueeze(-1)
         return dequant(f32_at(meta)[:, None, None], L, grids.IQ5NL_VALUES, idx).reshape(rows, -1)
+
+    def encode(self, x, imatrix=None):
+        d_row, scale_bytes, idx = _encode_odd_scales(x, imatrix, grids.IQ5NL_VALUES, ntry=5, pair=0)
+        rows = x.shape[0]
+        g = (idx & 31).reshape(rows, -1, 8, 32)  # (rows, nb, ib, j)
+        pairs = (g & 15).reshape(rows, -1, 4, 2, 32)
+        qs = (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).flatten(-2)  # (rows, nb, 128)
+        ib = torch.arange(8, device=x.device, dtype=torch.int32)[:, None]
+        qh = ((g >> 4) << ib).sum(-2)  # (rows, nb, 32)
+        blocks = torch.cat([scale_bytes.reshape(rows, -1, 8), qs, qh], dim=-1).to(torch.uint8)
+        return torch.cat([_f32_bytes(d_row), blocks.reshape(rows, -1)], dim=-1)
 
 
 def _two_bit_planes(qs: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -148,7 +159,7 @@ class IQ2_KL(Codec):
         return (dl.unsqueeze(-1) * values).reshape(rows, -1)
 
 
-def _encode_odd_scales(x, imatrix, grid, ntry):
+def _encode_odd_scales(x, imatrix, grid, ntry, pair):
     """Sections 4.1 / 4.3: two-pass search for the f32-row-scale types with odd 7-bit block scales.
 
     x: (rows, n) -> (d_row (rows,), scale bytes (rows, nb*8) int32, indices (rows, nb*8, 32) into grid).
@@ -170,7 +181,7 @@ def _encode_odd_scales(x, imatrix, grid, ntry):
     dl = d_row.unsqueeze(-1) * L
     idx = enc.nearest_in_shifted(grid, shift, (1 / dl).unsqueeze(-1) * xb)
     q = grid.to(device=x.device, dtype=torch.float32)[idx] * L.unsqueeze(-1)
-    A, B = enc.row_refit(w, q, xb, 16)
+    A, B = enc.row_refit(w, q, xb, pair)
     d_row = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d_row)
     scale_bytes = (lev << 1) | shift
     keep = nonzero.unsqueeze(-1)
