@@ -1,0 +1,104 @@
+"""CPU decode benchmark: vramfit against llama-cpp-python (when installed) on the same GGUF files.
+
+Prints a llama-bench style table (pp<N>, tg<N> in tokens/s) for each engine and the ratio
+vramfit / peer. Run:  .venv/bin/python bench/decode_cpu.py [models ...] [-p 512] [-n 128] [-r 3]
+The peer is looked for in this interpreter, or in another one given with --peer-python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+DEFAULT_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+
+# Runs inside the peer's interpreter; prints JSON rows. llama-bench semantics: pp = one batch of N
+# tokens from an empty cache, tg = N single-token decode steps from an empty cache.
+PEER_SCRIPT = textwrap.dedent(
+    """
+    import json, statistics, sys, time
+    from llama_cpp import Llama
+    path, n_p, n_g, reps, threads = sys.argv[1], *map(int, sys.argv[2:6])
+    llm = Llama(path, n_ctx=max(n_p, n_g) + 16, n_batch=max(n_p, 1), n_threads=threads,
+                n_threads_batch=threads, verbose=False, logits_all=False)
+    toks = [(i * 7919) % 1000 + 100 for i in range(max(n_p, n_g))]
+    def pp():
+        llm.reset(); llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        t = time.perf_counter(); llm.eval(toks[:n_p]); return n_p / (time.perf_counter() - t)
+    def tg():
+        llm.reset(); llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        t = time.perf_counter()
+        for tok in toks[:n_g]:
+            llm.eval([tok])
+        return n_g / (time.perf_counter() - t)
+    rows = []
+    for name, n, fn in (("pp", n_p, pp), ("tg", n_g, tg)):
+        if n <= 0:
+            continue
+        fn()
+        s = [fn() for _ in range(reps)]
+        rows.append({"test": f"{name}{n}", "tps_mean": statistics.mean(s),
+                     "tps_std": statistics.stdev(s) if len(s) > 1 else 0.0})
+    print(json.dumps(rows))
+    """
+)
+
+
+def run_ours(name: str, n_p: int, n_g: int, reps: int) -> list[dict]:
+    import vramfit
+    from vramfit.eval.bench import run_bench
+
+    m = vramfit.load(name, n_ctx=max(n_p, n_g) + 16)
+    return [r.as_dict() for r in run_bench(m, n_p, n_g, reps)]
+
+
+def run_peer(python: str, path: str, n_p: int, n_g: int, reps: int, threads: int) -> list[dict] | None:
+    cmd = [python, "-c", PEER_SCRIPT, path, str(n_p), str(n_g), str(reps), str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"peer failed on {path}: {(res.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def peer_available(python: str) -> bool:
+    res = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
+    return res.returncode == 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="*", default=DEFAULT_MODELS)
+    ap.add_argument("-p", "--n-prompt", type=int, default=512)
+    ap.add_argument("-n", "--n-gen", type=int, default=128)
+    ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("--peer-python", default=sys.executable, help="interpreter with llama_cpp installed")
+    args = ap.parse_args()
+
+    from vramfit.hub import resolve
+
+    threads = torch.get_num_threads()
+    have_peer = peer_available(args.peer_python)
+    print(f"threads: {threads}; peer llama-cpp-python: {'yes' if have_peer else 'not installed'}\n")
+    print("| model | test | vramfit t/s | llama-cpp-python t/s | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in args.models:
+        path = str(resolve(name))
+        ours = run_ours(name, args.n_prompt, args.n_gen, args.repetitions)
+        peer = run_peer(args.peer_python, path, args.n_prompt, args.n_gen, args.repetitions, threads)
+        peer_by_test = {r["test"]: r for r in peer or []}
+        for r in ours:
+            p = peer_by_test.get(r["test"])
+            ours_s = f"{r['tps_mean']:.2f} ± {r['tps_std']:.2f}"
+            peer_s = f"{p['tps_mean']:.2f} ± {p['tps_std']:.2f}" if p else "-"
+            ratio = f"{r['tps_mean'] / p['tps_mean']:.2f}" if p else "-"
+            print(f"| {r['model']} | {r['test']} | {ours_s} | {peer_s} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
