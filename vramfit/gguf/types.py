@@ -72,6 +72,9 @@ def _build() -> dict[int, GGMLType]:
     table = {t.value: GGMLType(t.name, t.value, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType}
     # ik's meaning wins where ids overlap (36 is a slot mainline retired; 41 has the same layout)
     table.update({tid: GGMLType(n, tid, b, s, m) for n, tid, b, s, m in _IK_TYPES})
+    # gguf-py's Q8_1 entry (32, 40) is stale (float d and s); ggml's block_q8_1 in mainline and ik is
+    # fp16 d, fp16 s and 32 int8, static_asserted to 36 bytes
+    table[GGMLQuantizationType.Q8_1.value] = GGMLType("Q8_1", GGMLQuantizationType.Q8_1.value, 32, 36)
     return table
 
 

@@ -16,8 +16,14 @@ from gguf.constants import GGUFValueType as VT
 from vramfit.gguf.reader import _NP, _SCALAR, DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFFile
 from vramfit.gguf.types import GGMLType
 
+_VT_BY_DTYPE = {np.dtype(t): vt for vt, t in _NP.items()}
+
 
 def _guess_vtype(value: Any) -> tuple[VT, VT | None]:
+    if isinstance(value, np.ndarray) and value.dtype in _VT_BY_DTYPE:
+        return VT.ARRAY, _VT_BY_DTYPE[value.dtype]  # the dtype decides, not the first element
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, bool):
         return VT.BOOL, None
     if isinstance(value, int):
