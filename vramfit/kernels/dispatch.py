@@ -49,3 +49,47 @@ def linear(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None = None) -> tor
         observe(w, x)
     y = x @ w.dense().T
     return y if bias is None else y + bias
+
+
+def concat_rows(ws: list[QWeight]) -> QWeight:
+    """One weight whose rows are those of `ws` in order (same type and row length)."""
+    if len(ws) == 1:
+        return ws[0]
+    packed = torch.cat([w.packed for w in ws])
+    rows = sum(w.shape[0] for w in ws)
+    return QWeight(packed, ws[0].gtype, (rows, ws[0].shape[1]), "+".join(w.name for w in ws))
+
+
+def permute_rows(w: QWeight, index: torch.Tensor) -> QWeight:
+    """The same weight with its output rows reordered (exact: whole packed rows move)."""
+    return QWeight(w.packed[index].contiguous(), w.gtype, w.shape, w.name)
+
+
+class FusedLinear:
+    """Several linears on the same input, run as few products as their types allow.
+
+    Adjacent weights of the same type are stacked into one matrix; the call returns one output per
+    original weight (views into the stacked result).
+    """
+
+    def __init__(self, weights: list[QWeight], biases: list[torch.Tensor | None]):
+        self.groups: list[tuple[QWeight, torch.Tensor | None, list[int]]] = []
+        i = 0
+        while i < len(weights):
+            j = i + 1
+            while j < len(weights) and weights[j].gtype == weights[i].gtype:
+                j += 1
+            ws, bs = weights[i:j], biases[i:j]
+            bias = None
+            if any(b is not None for b in bs):
+                zeros = [torch.zeros(w.shape[0]) for w in ws]
+                bias = torch.cat([b if b is not None else z for b, z in zip(bs, zeros, strict=True)])
+            self.groups.append((concat_rows(ws), bias, [w.shape[0] for w in ws]))
+            i = j
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs: list[torch.Tensor] = []
+        for w, bias, sizes in self.groups:
+            y = linear(x, w, bias)
+            outs.extend(y.split(sizes, dim=-1) if len(sizes) > 1 else (y,))
+        return outs

@@ -2,8 +2,8 @@
 
 All float32 on the CPU path. RoPE follows ggml: "norm" style rotates adjacent pairs (x0,x1), (x2,x3)
 ... (llama, whose q/k rows llama.cpp's converter permutes for it); "neox" style rotates the two halves
-of the rotary dims (qwen2). Frequencies honour linear and YaRN scaling and per-dim factors
-(`rope_freqs.weight`, llama 3.1).
+of the rotary dims (qwen2), and is turned into "norm" style by permuting wq/wk rows at load.
+Frequencies honour linear and YaRN scaling and per-dim factors (`rope_freqs.weight`, llama 3.1).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from vramfit.kernels.dispatch import QWeight, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def swiglu(x: torch.Tensor, w_gate: QWeight, w_up: QWeight, w_down: QWeight) -> torch.Tensor:
@@ -39,7 +39,12 @@ class RopeConfig:
 
 
 class Rope:
-    """Precomputed cos/sin tables for positions [0, max_pos)."""
+    """RoPE as a complex multiply of adjacent pairs: (x0 + i x1) * e^(i pos theta_j).
+
+    That is ggml's "norm" style. NeoX-style models (pairs (j, j + dim/2)) are brought to it at load
+    time by `neox_to_pairs`, a row permutation of wq/wk that leaves q.k unchanged, so one code path
+    serves both.
+    """
 
     def __init__(self, cfg: RopeConfig, max_pos: int, freq_factors: torch.Tensor | None = None):
         self.cfg = cfg
@@ -53,8 +58,9 @@ class Rope:
         elif cfg.scaling == "yarn":
             inv_freq, mscale = self._yarn(inv_freq)
         angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        self.cos = (angles.cos() * mscale).to(torch.float32)  # (max_pos, half)
-        self.sin = (angles.sin() * mscale).to(torch.float32)
+        cos = (angles.cos() * mscale).to(torch.float32)  # (max_pos, half)
+        sin = (angles.sin() * mscale).to(torch.float32)
+        self.freqs = torch.complex(cos, sin)
 
     def _yarn(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
         # Blend interpolated and extrapolated frequencies by a ramp over the correction dims (YaRN).
@@ -73,19 +79,26 @@ class Rope:
         mscale = c.attn_factor * (1.0 + 0.1 * math.log(c.factor)) if c.factor > 1 else c.attn_factor
         return inv, mscale
 
-    def apply(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x (n_tokens, n_heads, head_dim); pos (n_tokens,) int64."""
+    def at(self, start: int, n: int) -> torch.Tensor:
+        """Rotations for positions start..start+n-1, shaped (n, 1, dim/2) to broadcast over heads."""
+        return self.freqs[start : start + n, None, :]
+
+    def apply(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """x (n_tokens, n_heads, head_dim), rot from `at` -> rotated copy of x."""
+        n, h, hd = x.shape
         d = self.cfg.dim
-        cos = self.cos[pos][:, None, :]  # (n_tokens, 1, d/2)
-        sin = self.sin[pos][:, None, :]
-        rot, rest = x[..., :d], x[..., d:]
-        if self.cfg.style == "neox":
-            x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        else:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+        if d == hd:
+            pairs = torch.view_as_complex(x.reshape(n, h, hd // 2, 2))
+            return torch.view_as_real(pairs * rot).view(n, h, hd)
+        pairs = torch.view_as_complex(x[..., :d].reshape(n, h, d // 2, 2))
+        return torch.cat((torch.view_as_real(pairs * rot).view(n, h, d), x[..., d:]), dim=-1)
+
+
+def neox_to_pairs(head_dim: int, rope_dim: int) -> torch.Tensor:
+    """Index that reorders one head's dims from NeoX halves to adjacent pairs: 0, d/2, 1, d/2+1, ..."""
+    half = rope_dim // 2
+    pairs = torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).reshape(-1)
+    return torch.cat((pairs, torch.arange(rope_dim, head_dim)))
 
 
 class KVCache:

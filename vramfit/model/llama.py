@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from vramfit.kernels.dispatch import QWeight, linear
-from vramfit.model.layers import KVCache, Rope, RopeConfig, attention, rms_norm, swiglu
+from vramfit.kernels.dispatch import FusedLinear, QWeight, linear, permute_rows
+from vramfit.model.layers import KVCache, Rope, RopeConfig, attention, neox_to_pairs, rms_norm
 from vramfit.model.loader import WeightSource, require
 
 # GGUF tensor names (per block, then global); the only place they appear for this family.
@@ -112,6 +113,8 @@ class Block:
     bv: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # qwen3: RMSNorm over each head's q and k
     k_norm: torch.Tensor | None = None
+    qkv: FusedLinear | None = None  # built by the model from wq/wk/wv (+ biases)
+    gate_up: FusedLinear | None = None
 
 
 class LlamaModel:
@@ -136,10 +139,29 @@ class LlamaModel:
                 continue  # optional tensors (biases, q/k norms); required ones fail in Block()
             fields[field] = src.vector(name) if src.is_vector(name) else src.qweight(name)
         try:
-            return Block(**fields)
+            blk = Block(**fields)
         except TypeError:
             missing = [names[f] for f in Block.__dataclass_fields__ if f not in fields]
             raise src.error(f"missing tensor {missing[0]}") from None
+        if self.cfg.rope.style == "neox":
+            self._pair_rotary_dims(blk)
+        blk.qkv = FusedLinear([blk.wq, blk.wk, blk.wv], [blk.bq, blk.bk, blk.bv])
+        blk.gate_up = FusedLinear([blk.w_gate, blk.w_up], [None, None])
+        return blk
+
+    def _pair_rotary_dims(self, blk: Block) -> None:
+        """Reorder q/k head dims from NeoX halves to adjacent pairs (see layers.Rope); q.k is unchanged."""
+        c = self.cfg
+        perm = neox_to_pairs(c.head_dim, c.rope.dim)
+
+        def rows(n_heads: int) -> torch.Tensor:
+            return (torch.arange(n_heads)[:, None] * c.head_dim + perm[None, :]).reshape(-1)
+
+        blk.wq, blk.wk = permute_rows(blk.wq, rows(c.n_head)), permute_rows(blk.wk, rows(c.n_head_kv))
+        if blk.bq is not None:
+            blk.bq, blk.bk = blk.bq[rows(c.n_head)], blk.bk[rows(c.n_head_kv)]
+        if blk.q_norm is not None:
+            blk.q_norm, blk.k_norm = blk.q_norm[perm], blk.k_norm[perm]
 
     def new_cache(self) -> KVCache:
         c = self.cfg
@@ -147,25 +169,30 @@ class LlamaModel:
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """tokens (n,) int64 at positions start..start+n-1 -> hidden states (n, n_embd)."""
+        eps = self.cfg.norm_eps
         x = self.embed.rows(tokens)
-        pos = torch.arange(start, start + tokens.shape[0])
+        rot = self.rope.at(start, tokens.shape[0])
         for i, blk in enumerate(self.blocks):
-            x = x + self._attention(blk, rms_norm(x, blk.attn_norm, self.cfg.norm_eps), cache, i, start, pos)
-            x = x + swiglu(rms_norm(x, blk.ffn_norm, self.cfg.norm_eps), blk.w_gate, blk.w_up, blk.w_down)
-        return rms_norm(x, self.norm, self.cfg.norm_eps)
+            x = x + self._attention(blk, rms_norm(x, blk.attn_norm, eps), cache, i, start, rot)
+            gate, up = blk.gate_up(rms_norm(x, blk.ffn_norm, eps))
+            x = x + linear(F.silu(gate).mul_(up), blk.w_down)
+        return rms_norm(x, self.norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.output)
 
-    def _attention(self, blk: Block, x: torch.Tensor, cache: KVCache, layer: int, start: int, pos):
+    def _attention(self, blk: Block, x: torch.Tensor, cache: KVCache, layer: int, start: int, rot):
         c = self.cfg
         n = x.shape[0]
-        q = linear(x, blk.wq, blk.bq).view(n, c.n_head, c.head_dim)
-        k = linear(x, blk.wk, blk.bk).view(n, c.n_head_kv, c.head_dim)
-        v = linear(x, blk.wv, blk.bv).view(n, c.n_head_kv, c.head_dim)
+        q, k, v = blk.qkv(x)
+        q, k, v = (
+            q.view(n, c.n_head, c.head_dim),
+            k.view(n, c.n_head_kv, c.head_dim),
+            v.view(n, -1, c.head_dim),
+        )
         if blk.q_norm is not None:
             q, k = rms_norm(q, blk.q_norm, c.norm_eps), rms_norm(k, blk.k_norm, c.norm_eps)
-        q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
+        q, k = self.rope.apply(q, rot), self.rope.apply(k, rot)
         cache.store(layer, start, k, v)
         out = attention(q, cache, layer, start, scale=c.head_dim**-0.5)
         return linear(out, blk.wo)
