@@ -21,6 +21,7 @@ from vramfit.quant import UnsupportedTypeError, get_codec
 ARCHITECTURES = {
     "llama": "vramfit.model.llama:LlamaModel",
     "qwen2": "vramfit.model.qwen2:Qwen2Model",
+    "qwen3": "vramfit.model.qwen2:Qwen2Model",
 }
 
 
