@@ -17,6 +17,7 @@ import functools
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,10 +39,21 @@ IQK_TYPES = [
     "iq5_k",
     "iq6_k",
 ]
-# type -> minimal fraction of blocks whose bytes equal the reference encoder's
-ENCODERS = {"iq4_ks": 0.99, "iq4_k": 0.99, "iq5_ks": 0.99}
-# loose round-trip bound on gaussian rows (relative RMSE), per type
-RMSE_BOUND = {"iq4_ks": 0.15, "iq4_k": 0.15, "iq5_ks": 0.08}
+# types with an encoder -> loose round-trip bound on gaussian rows (relative RMSE)
+RMSE_BOUND = {"iq4_ks": 0.15, "iq4_k": 0.15, "iq5_ks": 0.08, "iq4_kss": 0.15, "iq5_k": 0.08, "iq6_k": 0.05}
+ENCODERS = list(RMSE_BOUND)
+# type -> minimal fraction of blocks whose bytes equal the reference encoder's (reference algorithm
+# reproduced; IQ4_KSS's pruning is only sketched by the spec, so only its error bound is checked)
+BYTE_MATCH = {"iq4_ks": 0.99, "iq4_k": 0.99, "iq5_ks": 0.99, "iq5_k": 0.99, "iq6_k": 0.97}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The encoders run many small ops; extra intra-op threads only add contention here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @functools.cache
@@ -234,7 +246,7 @@ def test_encode_error_no_worse_than_reference(type_name, name, var):
     assert ours <= ref * 1.001, (ours, ref)
 
 
-@pytest.mark.parametrize("type_name", list(ENCODERS))
+@pytest.mark.parametrize("type_name", list(BYTE_MATCH))
 def test_encode_block_bytes_match_reference(type_name):
     gt = type_by_name(type_name)
     same = total = 0
@@ -244,7 +256,7 @@ def test_encode_block_bytes_match_reference(type_name):
         assert ours.shape == ref.shape
         same += int((ours == ref).all(-1).sum())
         total += ref.shape[0]
-    assert same / total >= ENCODERS[type_name], same / total
+    assert same / total >= BYTE_MATCH[type_name], same / total
 
 
 # --- property tests ----------------------------------------------------------------------------
@@ -287,9 +299,9 @@ def _check_roundtrip(type_name: str, x: np.ndarray, imat: np.ndarray | None, kin
         assert np.all(err <= 2 * rms + 1e-38)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    type_name=st.sampled_from(sorted(ENCODERS)),
+    type_name=st.sampled_from(ENCODERS),
     kind=st.sampled_from(["zeros", "constant", "huge", "denormal", "gauss"]),
     seed=st.integers(0, 2**31 - 1),
     scale=st.floats(1e-6, 1e4),

@@ -123,7 +123,9 @@ class IQ5_K(Codec):
         return _finish(d, L, grids.IQ5NL_VALUES, idx + 32 * extra.unsqueeze(-1), rows)
 
     def encode(self, x, imatrix=None):
-        d, L, shift, idx = _encode_bs16(x, imatrix, grids.IQ5NL_VALUES, ntry=5, lmax=32, plain_sigma=0.25)
+        d, L, shift, idx = _encode_bs16(
+            x, imatrix, grids.IQ5NL_VALUES, ntry=5, lmax=32, plain_sigma=0.25, polish=True
+        )
         g = (idx & 31).reshape(*idx.shape[:2], 8, 32)  # 32-weight groups
         qs, high = _pack_nibble_planes(g & 15), g >> 4
         qh = (high << torch.arange(8, device=x.device, dtype=torch.int32)[:, None]).sum(-2)  # (rows, nb, 32)
@@ -148,7 +150,7 @@ class IQ6_K(Codec):
 
     def encode(self, x, imatrix=None):
         d, L, shift, idx = _encode_bs16(
-            x, imatrix, grids.IQ6NL_VALUES, ntry=IQ6K_NTRY, lmax=127, plain_sigma=0.25
+            x, imatrix, grids.IQ6NL_VALUES, ntry=IQ6K_NTRY, lmax=127, plain_sigma=0.25, polish=True
         )
         g = (idx & 63).reshape(*idx.shape[:2], 8, 32)
         qs = _pack_nibble_planes(g & 15)
@@ -169,7 +171,7 @@ def _superblock_refit(w, q, x):
     return A, B
 
 
-def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0):
+def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False):
     """Sections 4.2 / 4.5: IQ4_K-pattern two-pass search with 16-weight sub-blocks and an fp16 d.
 
     x: (rows, n) -> d (rows, nb) float32 (fp16-representable), L (rows, nb, 16) int32 in
@@ -180,7 +182,7 @@ def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0):
     xs = x.reshape(rows, nb, 16, 16)
     w = enc.importance(x.reshape(rows, nb, QK_K), imatrix, 16, plain_sigma).reshape(xs.shape)
     # pass 1: free float scale and grid shift per 16-block
-    scale, shift = enc.search_scales(xs.reshape(-1, 16), w.reshape(-1, 16), grid, ntry)
+    scale, shift = enc.search_scales(xs.reshape(-1, 16), w.reshape(-1, 16), grid, ntry, polish=polish)
     scale, shift = scale.reshape(rows, nb, 16), shift.reshape(rows, nb, 16)
     # pass 2: the largest block maps to -lmax; integer block scales; final indices; refit d
     kmax = scale.abs().argmax(-1, keepdim=True)
@@ -189,9 +191,7 @@ def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0):
     inv_d = 1 / torch.where(nonzero, d, torch.ones_like(d))
     hi = lmax if lmax == 127 else lmax - 1
     L = enc.rint(inv_d * scale).clamp(-lmax, hi)  # (rows, nb, 16) float
-    dl = d * L
-    idl = torch.where(dl != 0, 1 / torch.where(dl != 0, dl, torch.ones_like(dl)), torch.zeros_like(dl))
-    idx = enc.nearest_in_shifted(grid, shift, idl.unsqueeze(-1) * xs)
+    idx = _indices(grid, shift, d * L, xs)
     q = grid.to(device=x.device, dtype=torch.float32)[idx] * L.unsqueeze(-1)
     A, B = _superblock_refit(w, q, xs)
     d = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d.squeeze(-1))
@@ -200,6 +200,12 @@ def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0):
     L = torch.where(nonzero, L, torch.zeros_like(L)).to(torch.int32)
     shift = torch.where(nonzero, shift, torch.zeros_like(shift))
     return d, L, shift, torch.where(keep, idx, torch.zeros_like(idx))
+
+
+def _indices(grid, shift, dl, xs):
+    """Nearest grid indices for targets xs / dl (dl (..., 16), xs (..., 16, 16)); dl == 0 gives x = 0."""
+    idl = torch.where(dl != 0, 1 / torch.where(dl != 0, dl, torch.ones_like(dl)), torch.zeros_like(dl))
+    return enc.nearest_in_shifted(grid, shift, idl.unsqueeze(-1) * xs)
 
 
 def _header_bytes(d: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -106,15 +106,36 @@ def candidate_table(grid: torch.Tensor, ntry: int, initial: bool):
 
 
 def search_scales(
-    xb: torch.Tensor, wb: torch.Tensor, grid: torch.Tensor, ntry: int, initial: bool = True
+    xb: torch.Tensor,
+    wb: torch.Tensor,
+    grid: torch.Tensor,
+    ntry: int,
+    initial: bool = True,
+    polish: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1 of 4.1 for blocks xb, wb (N, B): best signed float scale (N,) and shift flag (N,) int32."""
+    """Pass 1 of 4.1 for blocks xb, wb (N, B): best signed float scale (N,) and shift flag (N,) int32.
+
+    polish: re-pick the indices with the winning scale and refit it once (IQ5_K, IQ6_K; found to
+    reproduce the reference bytes).
+    """
     per_chunk = max(1, CHUNK // (xb.shape[-1] * (4 * ntry + 6)))
     parts = [
         _search_chunk(xb[i : i + per_chunk], wb[i : i + per_chunk], grid, ntry, initial)
         for i in range(0, xb.shape[0], per_chunk)
     ]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    scale, shift = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return (_polish(xb, wb, grid, scale, shift) if polish else scale), shift
+
+
+def _polish(xb, wb, grid, scale, shift):
+    """One refit: indices nearest to x/scale on the chosen grid, then scale = sum wqx / sum wq^2."""
+    ok = scale != 0
+    inv = torch.where(ok, 1 / torch.where(ok, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    idx = nearest_in_shifted(grid, shift, inv.unsqueeze(-1) * xb)
+    q = grid.to(device=xb.device, dtype=torch.float32)[idx]
+    sumqx, sumq2 = weighted_sums(wb * q, q, xb)
+    refit = sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2))
+    return torch.where(ok & (sumq2 > 0), refit, scale)
 
 
 def candidate_sums(xb, wb, grid, offs, flags, mirror):

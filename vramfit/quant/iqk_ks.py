@@ -72,6 +72,9 @@ class IQ4_KSS(Codec):
         ls, qs = iq4kss_unpack(blocks)
         return _decode_iq4ks_blocks(f32_at(meta), ls, qs)
 
+    def encode(self, x, imatrix=None):
+        return _pack_iq4kss(*_encode_kss(x, imatrix))
+
 
 @register
 class IQ5_KS(Codec):
@@ -204,3 +207,122 @@ def _pack_iq4ks(d_row, scale_bytes, idx):
     qs = (nib[..., 0, :] | (nib[..., 1, :] << 4)).reshape(rows, -1, 128)
     blocks = torch.cat([scale_bytes.reshape(rows, -1, 8), qs], dim=-1).to(torch.uint8)
     return torch.cat([_f32_bytes(d_row), blocks.reshape(rows, -1)], dim=-1)
+
+
+# --- IQ4_KSS: IQ4_KS with even-parity nibble quads (section 4.4) ---------------------------------
+
+_QUAD = [p for k in range(8) for p in (2 * k, 2 * k + 16, 2 * k + 1, 2 * k + 17)]  # word k's 4 weights
+_POPCOUNT16 = torch.tensor([bin(i).count("1") & 1 for i in range(16)], dtype=torch.int32)
+
+
+def _prune(al, idx, w, goff):
+    """Make every quad of 4-bit indices even-parity by moving one index to a neighbour within +-2.
+
+    al (..., 32) targets in grid units; idx (..., 32) indices 0..15 into the 16 values of
+    iq4k_values starting at goff (0 or 16; a tensor broadcastable to al[..., :1]); w (..., 32).
+    The move with the smallest weighted error increase wins; the "before" error uses the base grid.
+    """
+    dev = idx.device
+    grid = grids.IQ4K_VALUES.to(device=dev, dtype=torch.float32)
+    perm = torch.tensor(_QUAD, device=dev)
+    pc = _POPCOUNT16.to(dev)
+    lead = al.shape[:-1]
+    a, i, ww = (t.expand(*lead, 32)[..., perm].reshape(*lead, 8, 4) for t in (al, idx, w))
+    goff = goff[..., None, None, None]  # broadcast over (quad, position, offset)
+    odd = pc[i].sum(-1) % 2 == 1  # (..., 8)
+    before = ww * (a - grid[i]) ** 2
+    cand = i.unsqueeze(-1) + torch.tensor([-2, -1, 1, 2], device=dev)  # (..., 8, 4 positions, 4 offsets)
+    cand_c = cand.clamp(0, 15)
+    valid = (cand == cand_c) & (pc[cand_c] != pc[i].unsqueeze(-1))
+    cost = ww.unsqueeze(-1) * (a.unsqueeze(-1) - grid[cand_c + goff]) ** 2 - before.unsqueeze(-1)
+    cost = torch.where(valid, cost, torch.full_like(cost, float("inf"))).flatten(-2)  # (..., 8, 16)
+    pick = cost.argmin(-1, keepdim=True)  # first minimum: position-major, then offset order
+    new = cand_c.flatten(-2).gather(-1, pick)
+    moved = torch.nn.functional.one_hot(pick.squeeze(-1) // 4, 4).bool() & odd.unsqueeze(-1)
+    i = torch.where(moved, new, i)
+    out = torch.empty_like(idx.expand(*lead, 32))
+    out[..., perm] = i.reshape(*lead, 32)
+    return out
+
+
+def _kss_candidate_sums(xb, wb, ntry):
+    """Pass 1 of 4.4 for blocks (N, 32): (sum wqx, sum wq^2) (N, C) with pruned indices."""
+    dev = xb.device
+    grid = grids.IQ4K_VALUES.to(device=dev, dtype=torch.float32)
+    offs, flags, mirror = enc.candidate_table(grids.IQ4K_VALUES, ntry, initial=False)
+    amax, m = enc.block_max(xb)
+    safe_m = torch.where(amax < 1e-16, torch.ones_like(m), m)
+    inv = torch.tensor(offs, device=dev) / safe_m.unsqueeze(-1)  # (N, C)
+    sign = torch.tensor([-1.0 if mi else 1.0 for mi in mirror], device=dev)[:, None]
+    al = inv.unsqueeze(-1) * xb.unsqueeze(1) * sign  # (N, C, 32)
+    goff = 16 * torch.tensor(flags, device=dev)  # (C,)
+    near = torch.where(goff[:, None] > 0, enc.nearest_index(grid[16:], al), enc.nearest_index(grid[:16], al))
+    idx = _prune(al, near, wb.unsqueeze(1), goff.expand(al.shape[:-1]))
+    q = grid[idx + goff[:, None]]
+    sumqx, sumq2 = enc.weighted_sums(wb.unsqueeze(1) * q, q, xb.unsqueeze(1).expand_as(q))
+    return sumqx, sumq2, amax
+
+
+def _kss_scales(xb, wb, ntry):
+    """Best signed float scale per 32-block (N,); best starts at 0 (no initial candidate)."""
+    sumqx, sumq2, amax = _kss_candidate_sums(xb, wb, ntry)
+    scale = torch.zeros_like(amax)
+    best = torch.zeros_like(amax)
+    for c in range(sumqx.shape[-1]):
+        sqx, sq2 = sumqx[:, c], sumq2[:, c]
+        ok = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = sqx / torch.where(sq2 > 0, sq2, torch.ones_like(sq2))
+        scale = torch.where(ok, d, scale)
+        best = torch.where(ok, d * sqx, best)
+    return torch.where(amax < 1e-16, torch.zeros_like(scale), scale)
+
+
+def _encode_kss(x, imatrix, ntry=7, fudge=1.01):
+    """Section 4.4 -> (d_row (rows,), scale bytes (rows, n_sub), indices (rows, n_sub, 32) into 32-grid)."""
+    rows, n = x.shape
+    n_sub = n // 32
+    w = enc.importance(x.reshape(rows, -1, QK_K), imatrix, 32).reshape(rows, n_sub, 32)
+    xb = x.reshape(rows, n_sub, 32)
+    scale = _kss_scales(xb.reshape(-1, 32), w.reshape(-1, 32), ntry).reshape(rows, n_sub)
+    d_row = scale.abs().amax(-1) / 127
+    nonzero = d_row > 0
+    inv_d = 1 / torch.where(nonzero, d_row, torch.ones_like(d_row))
+    lev = enc.rint(0.5 * enc.fma(inv_d.unsqueeze(-1), scale, torch.full_like(scale, 127.0)))
+    lev = lev.clamp(0, 127).to(torch.int32)
+    L = (2 * lev - 127).to(torch.float32)
+    dl = (d_row.unsqueeze(-1) * L).unsqueeze(-1)  # (rows, n_sub, 1)
+    al = (1 / dl) * xb
+    grid = grids.IQ4K_VALUES.to(device=x.device, dtype=torch.float32)
+    best_idx, best_err, shift = None, None, None
+    for flag in (0, 1):  # pass 2 re-decides the grid shift: lower weighted error wins
+        g = grid[16 * flag : 16 * flag + 16]
+        idx = _prune(al, enc.nearest_index(g, al), w, torch.full(al.shape[:-1], 16 * flag, device=x.device))
+        err = (w * (xb - dl * g[idx]) ** 2).sum(-1)
+        if flag == 0:
+            best_idx, best_err, shift = idx, err, torch.zeros_like(lev)
+        else:
+            better = err < best_err
+            best_idx = torch.where(better.unsqueeze(-1), idx + 16, best_idx)
+            shift = better.to(torch.int32)
+    q = grid[best_idx] * L.unsqueeze(-1)
+    A, B = enc.row_refit(w, q, xb, 16)
+    d_row = torch.where(B > 0, fudge * (A / torch.where(B > 0, B, torch.ones_like(B))), d_row)
+    keep = nonzero.unsqueeze(-1)
+    scale_bytes = torch.where(keep, (lev << 1) | shift, torch.zeros_like(lev))
+    idx = torch.where(keep.unsqueeze(-1), best_idx, torch.zeros_like(best_idx))
+    return torch.where(nonzero, d_row, torch.zeros_like(d_row)), scale_bytes, idx
+
+
+def _pack_iq4kss(d_row, scale_bytes, idx):
+    """-> (rows, 4 + nb*128) uint8. Word k of a sub-block: prefix-XOR(nibble quad) << 1 | scale bit k."""
+    rows = d_row.shape[0]
+    nib = (idx & 15)[..., _QUAD].reshape(rows, -1, 8, 4)  # (rows, n_sub, k, 4)
+    sh = torch.tensor([0, 4, 8, 12], device=idx.device, dtype=torch.int32)
+    v = (nib << sh).sum(-1)  # even-parity 16-bit word
+    for s in (1, 2, 4, 8):
+        v = v ^ (v << s)
+    j = v & 0x7FFF
+    k = torch.arange(8, device=idx.device, dtype=torch.int32)
+    words = (j << 1) | ((scale_bytes.unsqueeze(-1) >> k) & 1)  # (rows, n_sub, 8)
+    blocks = torch.stack([words & 0xFF, words >> 8], dim=-1).reshape(rows, -1).to(torch.uint8)
+    return torch.cat([_f32_bytes(d_row), blocks], dim=-1)
