@@ -16,6 +16,7 @@ from vramfit.quant.iqk_common import QK_K, bits, dequant, f16_at, nibble_pairs, 
 from vramfit.quant.registry import Codec, register
 
 IQ6K_NTRY = 5
+FP16_MAX = 65504.0
 
 
 def _header(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +196,8 @@ def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False):
     q = grid.to(device=x.device, dtype=torch.float32)[idx] * L.unsqueeze(-1)
     A, B = _superblock_refit(w, q, xs)
     d = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d.squeeze(-1))
-    d = torch.where(nonzero.squeeze(-1), d, torch.zeros_like(d)).to(torch.float16).to(torch.float32)
+    d = torch.where(nonzero.squeeze(-1), d, torch.zeros_like(d)).clamp(-FP16_MAX, FP16_MAX)  # no inf
+    d = d.to(torch.float16).to(torch.float32)
     keep = nonzero.unsqueeze(-1)
     L = torch.where(nonzero, L, torch.zeros_like(L)).to(torch.int32)
     shift = torch.where(nonzero, shift, torch.zeros_like(shift))
