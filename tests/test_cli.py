@@ -100,6 +100,12 @@ def test_unknown_model_name():
     assert_one_line_error(vramfit("run", "no-such-model", "-p", "x"), "no-such-model", "smollm2-135m")
 
 
+def test_hf_reference_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VRAMFIT_HOME", str(tmp_path))
+    assert_one_line_error(vramfit("pull", "hf:someone/some-model/model.gguf"), "hf:someone/some-model")
+
+
 def test_not_a_gguf(tmp_path):
     p = tmp_path / "notes.txt"
     p.write_text("hello, I am not a model\n")

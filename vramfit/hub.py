@@ -142,7 +142,9 @@ def _pull_hf(ref: str) -> Path:
     if len(parts) < 3:
         raise PullError(f"hf:{ref}: expected hf:OWNER/REPO/FILE.gguf")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # its retry warnings would break our one-line errors
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     try:
         return Path(hf_hub_download(repo, filename, cache_dir=home() / "hf"))
