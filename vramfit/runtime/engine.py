@@ -163,11 +163,12 @@ class _StopGuard:
         if not self.stops:
             return text, False
         buf = self.pending + text
-        for s in self.stops:
-            i = buf.find(s)
-            if i >= 0:
-                self.pending = ""
-                return buf[:i], True
+        # the stop completed first in the text wins (of those ending together, the longest), not the
+        # first one in the list: the cut must not depend on list order or on how text is split
+        found = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
+        if found:
+            self.pending = ""
+            return buf[: min(found)[1]], True
         hold = max((_overlap(buf, s) for s in self.stops), default=0)
         self.pending = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold], False
