@@ -40,10 +40,20 @@ IQK_TYPES = [
     "iq6_k",
 ]
 # types with an encoder -> loose round-trip bound on gaussian rows (relative RMSE)
-RMSE_BOUND = {"iq4_ks": 0.15, "iq4_k": 0.15, "iq5_ks": 0.08, "iq4_kss": 0.15, "iq5_k": 0.08, "iq6_k": 0.05}
+RMSE_BOUND = {
+    "iq4_ks": 0.15,
+    "iq4_k": 0.15,
+    "iq5_ks": 0.08,
+    "iq4_kss": 0.15,
+    "iq5_k": 0.08,
+    "iq6_k": 0.05,
+    "iq3_k": 0.3,
+    "iq2_k": 0.45,
+}
 ENCODERS = list(RMSE_BOUND)
 # type -> minimal fraction of blocks whose bytes equal the reference encoder's (reference algorithm
-# reproduced; IQ4_KSS's pruning is only sketched by the spec, so only its error bound is checked)
+# reproduced; the spec only sketches IQ4_KSS's pruning and gives no IQ3_K / IQ2_K algorithm, so
+# for those only the error bound is checked)
 BYTE_MATCH = {"iq4_ks": 0.99, "iq4_k": 0.99, "iq5_ks": 0.99, "iq5_k": 0.99, "iq6_k": 0.97}
 
 
@@ -293,8 +303,12 @@ def _check_roundtrip(type_name: str, x: np.ndarray, imat: np.ndarray | None, kin
     elif kind == "constant":
         assert np.all(err <= 0.25 * rms)
     elif kind == "huge":
-        # the outlier itself must survive; the rest is tiny next to it
-        assert np.all(err <= 0.25 * rms)
+        # the outlier itself survives (IQ4_KSS's 1.01 scale fudge included); its block-mates may
+        # carry up to ~0.1 of it where a parity fix must move one of them (IQ4_KSS)
+        k = np.abs(x).argmax(-1)[:, None]
+        peak_x, peak_y = np.take_along_axis(x, k, -1), np.take_along_axis(y, k, -1)
+        assert np.all(np.abs(peak_y - peak_x) <= 0.03 * np.abs(peak_x))
+        assert np.all(err <= 0.5 * rms)
     else:  # denormals: finite and no larger than the input's scale
         assert np.all(err <= 2 * rms + 1e-38)
 

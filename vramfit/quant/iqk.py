@@ -16,6 +16,9 @@ from vramfit.quant.iqk_common import QK_K, bits, dequant, f16_at, nibble_pairs, 
 from vramfit.quant.registry import Codec, register
 
 IQ6K_NTRY = 5
+IQ3K_NTRY = 5
+IQ2K_NTRY = 9
+IQ2K_DF = (-8 / 7, 0.9, 0.8, 0.7, 1.1)
 FP16_MAX = 65504.0
 
 
@@ -62,6 +65,21 @@ class IQ2_K(Codec):
         idx = _to_sub16(_two_bit_planes(blocks[..., 12:76])) + 4 * extra.unsqueeze(-1)
         return _finish(d, L, grids.IQ2NL_VALUES, idx, rows)
 
+    def encode(self, x, imatrix=None):
+        """Not the reference algorithm (none in the spec): IQ4_K-pattern search, L in [-8, 7], more d."""
+        d, L, shift, idx = _encode_bs16(
+            x,
+            imatrix,
+            grids.IQ2NL_VALUES,
+            ntry=IQ2K_NTRY,
+            lmax=8,
+            polish=True,
+            plain_sigma=0.0,
+            d_factors=IQ2K_DF,
+        )
+        scales = (L + 8)[..., 0::2] | ((L + 8)[..., 1::2] << 4)
+        return _finish_bytes([_header_bytes(d, shift), scales, _pack_two_bit_planes(idx & 3)])
+
 
 @register
 class IQ3_K(Codec):
@@ -80,6 +98,26 @@ class IQ3_K(Codec):
         idx32 = _two_bit_planes(blocks[..., 14:78]) | (high << 2)
         idx = _to_sub16(idx32) + 8 * extra.unsqueeze(-1)
         return _finish(d, L, grids.IQ3NL_VALUES, idx, rows)
+
+    def encode(self, x, imatrix=None):
+        """IQ4_K-pattern search (spec 4.0/4.5) with odd levels L = +-(2m+1); not byte-exact."""
+        d, L, shift, idx = _encode_bs16(
+            x,
+            imatrix,
+            grids.IQ3NL_VALUES,
+            ntry=IQ3K_NTRY,
+            lmax=31,
+            plain_sigma=0.25,
+            polish=True,
+            levels=_odd_levels,
+        )
+        m = (L.abs() - 1) // 2
+        sign = ((L < 0).to(torch.int32) << torch.arange(16, device=x.device, dtype=torch.int32)).sum(-1)
+        scales_l = m[..., 0::2] | (m[..., 1::2] << 4)
+        qh = ((idx & 7) >> 2).reshape(*idx.shape[:2], 8, 32)
+        qh = (qh << torch.arange(8, device=x.device, dtype=torch.int32)[:, None]).sum(-2)
+        head = torch.cat([_header_bytes(d, shift), _u16_bytes(sign.unsqueeze(-1))], dim=-1)
+        return _finish_bytes([head, scales_l, _pack_two_bit_planes(idx & 3), qh])
 
 
 @register
@@ -172,7 +210,7 @@ def _superblock_refit(w, q, x):
     return A, B
 
 
-def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False):
+def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False, levels=None, d_factors=()):
     """Sections 4.2 / 4.5: IQ4_K-pattern two-pass search with 16-weight sub-blocks and an fp16 d.
 
     x: (rows, n) -> d (rows, nb) float32 (fp16-representable), L (rows, nb, 16) int32 in
@@ -189,10 +227,13 @@ def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False):
     kmax = scale.abs().argmax(-1, keepdim=True)
     d = -scale.gather(-1, kmax) / lmax  # (rows, nb, 1)
     nonzero = d != 0
-    inv_d = 1 / torch.where(nonzero, d, torch.ones_like(d))
-    hi = lmax if lmax == 127 else lmax - 1
-    L = enc.rint(inv_d * scale).clamp(-lmax, hi)  # (rows, nb, 16) float
-    idx = _indices(grid, shift, d * L, xs)
+    L, idx = _levels_and_indices(grid, shift, scale, d, xs, lmax, levels)
+    for f in d_factors:  # not in the reference: other super-block scales, kept where the error drops
+        L2, idx2 = _levels_and_indices(grid, shift, scale, d * f, xs, lmax, levels)
+        better = _sb_error(grid, d * f, L2, idx2, xs, w) < _sb_error(grid, d, L, idx, xs, w)
+        d = torch.where(better, d * f, d)
+        L = torch.where(better, L2, L)
+        idx = torch.where(better.unsqueeze(-1), idx2, idx)
     q = grid.to(device=x.device, dtype=torch.float32)[idx] * L.unsqueeze(-1)
     A, B = _superblock_refit(w, q, xs)
     d = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d.squeeze(-1))
@@ -202,6 +243,23 @@ def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False):
     L = torch.where(nonzero, L, torch.zeros_like(L)).to(torch.int32)
     shift = torch.where(nonzero, shift, torch.zeros_like(shift))
     return d, L, shift, torch.where(keep, idx, torch.zeros_like(idx))
+
+
+def _levels_and_indices(grid, shift, scale, d, xs, lmax, levels):
+    """Integer block scales for super-block scale d (rows, nb, 1) and the indices they give."""
+    inv_d = 1 / torch.where(d != 0, d, torch.ones_like(d))
+    if levels is None:
+        hi = lmax if lmax == 127 else lmax - 1
+        L = enc.rint(inv_d * scale).clamp(-lmax, hi)  # (rows, nb, 16) float
+    else:
+        L = levels(inv_d * scale)
+    return L, _indices(grid, shift, d * L, xs)
+
+
+def _sb_error(grid, d, L, idx, xs, w):
+    """Weighted squared error per super-block (rows, nb, 1)."""
+    y = (d * L).unsqueeze(-1) * grid.to(device=xs.device, dtype=torch.float32)[idx]
+    return (w * (xs - y) ** 2).sum((-1, -2)).unsqueeze(-1)
 
 
 def _indices(grid, shift, dl, xs):
@@ -229,6 +287,19 @@ def _pack_six_bit_scales(L: torch.Tensor) -> torch.Tensor:
     sl = low[..., 0::2] | (low[..., 1::2] << 4)
     high = (u >> 4).reshape(*u.shape[:-1], 4, 4) << (2 * torch.arange(4, device=L.device, dtype=torch.int32))
     return torch.cat([high.sum(-1), sl], dim=-1)
+
+
+def _odd_levels(v: torch.Tensor) -> torch.Tensor:
+    """Nearest odd level in [-31, 31] to v (IQ3_K's L = +-(2m+1), m in 0..15)."""
+    m = enc.rint((v.abs() - 1) * 0.5).clamp(0, 15)
+    return torch.where(v < 0, -(2 * m + 1), 2 * m + 1)
+
+
+def _pack_two_bit_planes(idx: torch.Tensor) -> torch.Tensor:
+    """(rows, nb, 16, 16) 2-bit values -> (rows, nb, 64): group b into bits 2*(b%4) of qs[32*(b//4) + j]."""
+    g = idx.reshape(*idx.shape[:2], 2, 4, 32)  # (rows, nb, b//4, b%4, j)
+    sh = (2 * torch.arange(4, device=idx.device, dtype=torch.int32))[:, None]
+    return (g << sh).sum(-2).flatten(-2)
 
 
 def _pack_nibble_planes(low: torch.Tensor) -> torch.Tensor:
