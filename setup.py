@@ -1,0 +1,53 @@
+"""Build script for the optional C extension `vramfit.kernels.cpu._qgemm` (fast CPU matmuls).
+
+Everything else about the package lives in pyproject.toml. The extension is built only on x86-64
+Linux/Unix with a C compiler; any failure to compile leaves the package installable, and
+`vramfit.kernels.cpu.available()` then reports False so the reference path is used.
+"""
+
+import platform
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+SRC = "vramfit/kernels/cpu/"
+
+
+class OptionalBuildExt(build_ext):
+    """Build extensions, but never fail the install because of them."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any compiler/setup failure means "no fast path"
+            self._warn(exc)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            self._warn(exc)
+
+    @staticmethod
+    def _warn(exc):
+        msg = f"WARNING: vramfit fast CPU kernels not built ({exc}); using the reference path"
+        print(msg, file=sys.stderr)
+
+
+def _extensions():
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64") or sys.platform == "win32":
+        return []
+    return [
+        Extension(
+            "vramfit.kernels.cpu._qgemm",
+            sources=[SRC + f for f in ("qgemm_module.c", "qgemm_avx2.c", "qgemm_avx512.c")],
+            depends=[SRC + f for f in ("qgemm.h", "qgemm_impl.h", "qgemm_unpack.h")],
+            extra_compile_args=["-O3", "-std=gnu11", "-fopenmp", "-fno-math-errno"],
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

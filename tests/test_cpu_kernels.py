@@ -1,0 +1,177 @@
+"""Fast CPU kernels (vramfit.kernels.cpu) against the reference decode: x @ decode(W).T.
+
+The kernels quantize activations to 8-bit blocks of 32 (as llama.cpp). Two checks per product:
+- exact path: against `q8(x) @ decode(W).T`, where q8 emulates that activation quantization, the
+  result must agree to float32 rounding (1e-4 of the output scale);
+- accuracy: against the float reference `x @ decode(W).T` within 3e-2 of the output scale
+  |x| * |w_row| / sqrt(K) (typical errors are a few 1e-3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vramfit import quant
+from vramfit.kernels import cpu
+
+QUANT_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "quant"
+
+TYPES = sorted(cpu.TYPE_IDS)
+K_SIZES = (256, 512, 896, 1536, 4864)
+N_SIZES = (1, 7, 37)
+BATCHES = (1, 2, 5, 8, 33)
+
+# byte offsets of the float fields to overwrite in random blocks: (block bytes, row meta, fp16 offsets)
+SCALE_FIELDS = {
+    "q4_0": (18, 0, (0,)),
+    "q4_1": (20, 0, (0, 2)),
+    "q5_0": (22, 0, (0,)),
+    "q5_1": (24, 0, (0, 2)),
+    "q8_0": (34, 0, (0,)),
+    "q6_0": (26, 0, (0,)),
+    "iq4_nl": (18, 0, (0,)),
+    "q4_k": (144, 0, (0, 2)),
+    "q5_k": (176, 0, (0, 2)),
+    "q6_k": (210, 0, (208,)),
+    "iq4_xs": (136, 0, (0,)),
+    "iq4_k": (144, 0, (0,)),
+    "iq4_ks": (136, 4, ()),
+    "iq5_ks": (168, 4, ()),
+}
+
+needs_ext = pytest.mark.skipif(not cpu.available(), reason="fast CPU kernels not built for this machine")
+
+
+def random_rows(type_name: str, n_rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Random packed rows with every float scale field replaced by a sane value."""
+    block, meta, offsets = SCALE_FIELDS[type_name]
+    nbytes = quant.get_codec(type_name).gtype.row_nbytes(k)
+    rows = torch.randint(0, 256, (n_rows, nbytes), dtype=torch.uint8, generator=gen)
+    n_blocks = (nbytes - meta) // block
+    blocks = rows[:, meta:].view(n_rows, n_blocks, block)
+    for off in offsets:
+        d = (torch.rand(n_rows, n_blocks, generator=gen) * 0.02 + 0.005).to(torch.float16)
+        blocks[..., off : off + 2] = d.view(torch.uint8).view(n_rows, n_blocks, 2)
+    if meta == 4:
+        d_row = torch.rand(n_rows, generator=gen) * 1e-3 + 1e-4
+        rows[:, :4] = d_row.view(torch.uint8).view(n_rows, 4)
+    return rows
+
+
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' activation quantization: blocks of 32, d = max|x| / 127, round to nearest even."""
+    xb = x.view(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # a true float32 division, as in C (torch's `127.0 / t` multiplies by a rounded reciprocal)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).view_as(x)
+
+
+def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    scale = x.norm(dim=1, keepdim=True) * w.norm(dim=1) / x.shape[1] ** 0.5 + 1e-30
+    exact = q8_activations(x) @ w.T
+    assert ((y - exact).abs() / scale).max().item() < 1e-4
+    assert ((y - x @ w.T).abs() / scale).max().item() < 3e-2
+
+
+@pytest.fixture(params=["avx512vnni", "avx2"])
+def isa(request):
+    """Run each test on every instruction set this CPU has (AVX-512 machines also test AVX2)."""
+    have = cpu.isa()
+    if cpu.ISA_NAMES.index(request.param) > cpu.ISA_NAMES.index(have):
+        pytest.skip(f"CPU lacks {request.param}")
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa(None)
+
+
+@needs_ext
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("k", K_SIZES)
+def test_random_rows(type_name, k, isa):
+    block_size = quant.get_codec(type_name).gtype.block_size
+    if k % block_size:
+        assert cpu.row_nbytes(type_name, k) == 0
+        return
+    gen = torch.Generator().manual_seed(k)
+    packed = random_rows(type_name, max(N_SIZES), k, gen)
+    dense = torch.from_numpy(quant.decode(type_name, packed, k))
+    assert cpu.row_nbytes(type_name, k) == packed.shape[1]
+    for n_rows in N_SIZES:
+        for n in BATCHES:
+            x = torch.randn(n, k, generator=gen)
+            y = cpu.qmatmul(x, packed[:n_rows].contiguous(), type_name)
+            check(y, x, dense[:n_rows])
+
+
+@needs_ext
+@pytest.mark.parametrize("type_name", TYPES)
+def test_reference_vectors(type_name, isa):
+    """The reference library's own encodings (8 rows x 1024) of Gaussian and real SmolLM2 weights."""
+    path = QUANT_VECTORS / f"{type_name.replace('_k', '_K')}.npz"
+    if not path.exists():
+        pytest.skip(f"no test vectors for {type_name}")
+    z = np.load(path)
+    gen = torch.Generator().manual_seed(1)
+    for key in [k for k in z.files if k.startswith("q_")]:
+        packed = torch.from_numpy(z[key])
+        dense = torch.from_numpy(z["y_" + key[2:]])
+        x = torch.randn(3, dense.shape[1], generator=gen)
+        check(cpu.qmatmul(x, packed, type_name), x, dense)
+
+
+@needs_ext
+@pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q5_0", "q8_0", "iq4_nl", "iq4_ks", "iq4_k", "iq5_ks"])
+def test_encoded_weights(type_name, isa):
+    """Weights through the package's own encoders, one thread and several, with an `out` buffer."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(7, 512, generator=gen)
+    packed = torch.from_numpy(quant.encode(type_name, w))
+    dense = torch.from_numpy(quant.decode(type_name, packed, 512))
+    x = torch.randn(8, 512, generator=gen)
+    out = torch.empty(8, 7)
+    for threads in (1, 2, 3):
+        assert cpu.qmatmul(x, packed, type_name, out=out, threads=threads) is out
+        check(out, x, dense)
+
+
+@needs_ext
+def test_zero_and_large_rows():
+    """All-zero activation blocks, zero weight rows and a large prefill batch with several threads."""
+    gen = torch.Generator().manual_seed(3)
+    packed = random_rows("q4_k", 40, 512, gen)
+    packed[3, :] = 0
+    dense = torch.from_numpy(quant.decode("q4_K", packed, 512))
+    x = torch.randn(70, 512, generator=gen)
+    x[5] = 0
+    x[6, :32] = 0
+    y = cpu.qmatmul(x, packed, "q4_K", threads=2)
+    check(y, x, dense)
+    assert (y[5] == 0).all()
+
+
+def test_fallback_decision(monkeypatch):
+    """Without the extension nothing claims support, so dispatch keeps the reference path."""
+    if cpu.available():
+        assert cpu.supports("q4_K") and cpu.supports("Q8_0") and cpu.supports("iq4_ks")
+        assert cpu.isa() in ("avx2", "avx512vnni")
+    assert not cpu.supports("q2_K") and not cpu.supports("f16")
+    monkeypatch.setattr(cpu, "_qgemm", None)
+    assert not cpu.available()
+    assert not cpu.supports("q4_0")
+    assert cpu.isa() == "none"
+
+
+@needs_ext
+def test_bad_arguments():
+    packed = torch.zeros(4, 18 * 16, dtype=torch.uint8)
+    with pytest.raises(ValueError):
+        cpu.qmatmul(torch.zeros(1, 256), packed, "q4_0")  # row is 512 weights, not 256
+    with pytest.raises(TypeError):
+        cpu.qmatmul(torch.zeros(1, 512, dtype=torch.float64), packed, "q4_0")
+    with pytest.raises(ValueError):
+        cpu.qmatmul(torch.zeros(1, 512), packed, "q4_0", out=torch.empty(2, 4))

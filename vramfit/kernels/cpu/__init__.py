@@ -1,0 +1,102 @@
+"""Fast CPU path: quantized matrix products straight from packed GGUF rows.
+
+`qmatmul(x, packed, type_name)` computes `x @ decode(packed).T` without ever materialising a float
+copy of the weight. The C extension `_qgemm` (built by setup.py; AVX2 or AVX-512 VNNI picked at run
+time) quantizes the activations to 8-bit blocks of 32, as llama.cpp does for its CPU dot products, and
+multiplies them with the weight codes in integer arithmetic, accumulating per block in float32.
+
+Accuracy: the only approximation is that 8-bit activation quantization. Each output differs from the
+reference `x @ decode(W).T` by at most about 1e-2 of |x| * |w_row| / sqrt(K) (the scale of a typical
+output); tests/test_cpu_kernels.py checks 2e-2 of that scale, typical errors are ~3e-3.
+
+When the extension is missing (not x86-64, no compiler at install time, CPU without AVX2),
+`available()` is False and callers use the reference path (vramfit.kernels.dispatch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # the compiled extension is optional
+    from vramfit.kernels.cpu import _qgemm
+except ImportError:  # pragma: no cover - depends on the build
+    _qgemm = None
+
+# ggml type ids of the types the kernels read (lower-case ggml names)
+TYPE_IDS: dict[str, int] = {
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "q8_0": 8,
+    "q4_k": 12,
+    "q5_k": 13,
+    "q6_k": 14,
+    "iq4_nl": 20,
+    "iq4_xs": 23,
+    "q6_0": 133,
+    "iq4_k": 139,
+    "iq4_ks": 144,
+    "iq5_ks": 152,
+}
+
+ISA_NAMES = ("none", "avx2", "avx512vnni")
+
+
+def available() -> bool:
+    """True when the extension is built and the CPU has at least AVX2 + FMA."""
+    return _qgemm is not None and _qgemm.cpu_level() > 0
+
+
+def isa() -> str:
+    """The instruction set in use: 'none', 'avx2' or 'avx512vnni'."""
+    return ISA_NAMES[_qgemm.cpu_level()] if _qgemm is not None else "none"
+
+
+def set_isa(name: str | None) -> str:
+    """Use at most the named instruction set (None: the best the CPU has). For tests and benchmarks."""
+    if _qgemm is None:
+        return "none"
+    return ISA_NAMES[_qgemm.set_level(-1 if name is None else ISA_NAMES.index(name))]
+
+
+def supports(type_name: str) -> bool:
+    """Whether qmatmul handles weights of this ggml type (case-insensitive name, e.g. 'q4_K')."""
+    return available() and type_name.lower() in TYPE_IDS
+
+
+def row_nbytes(type_name: str, k: int) -> int:
+    """Packed bytes per row of k weights as the kernel reads them (0 when unsupported)."""
+    tid = TYPE_IDS.get(type_name.lower())
+    return 0 if tid is None or _qgemm is None else _qgemm.row_nbytes(tid, k)
+
+
+def qmatmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    type_name: str,
+    out: torch.Tensor | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """x (n, K) float32 @ W.T -> (n, N) float32, where W is the decoded `packed` (N, row_nbytes) uint8.
+
+    `out`, when given, must be a contiguous float32 (n, N) tensor and receives the result.
+    `threads` defaults to torch.get_num_threads().
+    """
+    n, k = x.shape
+    rows, nbytes = packed.shape
+    tid = TYPE_IDS[type_name.lower()]
+    if x.dtype != torch.float32 or packed.dtype != torch.uint8:
+        raise TypeError("qmatmul expects float32 activations and uint8 packed rows")
+    if not (x.is_contiguous() and packed.is_contiguous()):
+        raise ValueError("qmatmul expects contiguous tensors")
+    if out is None:
+        out = torch.empty((n, rows), dtype=torch.float32)
+    elif out.shape != (n, rows) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, rows)}")
+    nth = torch.get_num_threads() if threads is None else threads
+    _qgemm.matmul(x.data_ptr(), n, k, packed.data_ptr(), rows, nbytes, tid, out.data_ptr(), nth)
+    return out
+
+
+__all__ = ["available", "isa", "qmatmul", "row_nbytes", "set_isa", "supports"]

@@ -1,0 +1,49 @@
+/* vramfit fast CPU path: shared declarations of the quantized matrix-product kernels.
+ *
+ * y[j, r] = sum_k x[j, k] * W[r, k] for a packed GGUF weight W (N rows of row_nbytes bytes) and a
+ * float32 activation x (n rows of K). Activations are quantized once per call to 8-bit blocks of 32
+ * (as llama.cpp's Q8_0); weight rows are unpacked per tile into 8-bit codes plus per-group float
+ * scales and offsets, and the products are integer dot products (AVX-512 VNNI dpbusd, or AVX2
+ * maddubs) with float accumulation per block.
+ */
+#ifndef VRAMFIT_QGEMM_H
+#define VRAMFIT_QGEMM_H
+
+#include <stdint.h>
+
+/* ggml type ids (the values stored in GGUF tensor-info records) */
+enum {
+    QG_Q4_0 = 2,
+    QG_Q4_1 = 3,
+    QG_Q5_0 = 6,
+    QG_Q5_1 = 7,
+    QG_Q8_0 = 8,
+    QG_Q4_K = 12,
+    QG_Q5_K = 13,
+    QG_Q6_K = 14,
+    QG_IQ4_NL = 20,
+    QG_IQ4_XS = 23,
+    QG_Q6_0 = 133,
+    QG_IQ4_K = 139,
+    QG_IQ4_KS = 144,
+    QG_IQ5_KS = 152,
+};
+
+typedef struct {
+    const float *x;      /* (n, K) float32, row stride K */
+    int64_t n, K;
+    const uint8_t *w;    /* (N, row_nbytes) packed rows */
+    int64_t N, row_nbytes;
+    int type;
+    float *out;          /* (n, N) float32, row stride N */
+    int nthreads;
+} qg_args;
+
+/* 0 when the type/row length is not handled, else the bytes per row the kernel expects */
+int64_t qg_row_nbytes(int type, int64_t K);
+
+/* per-ISA entry points; return 0 on success, nonzero on bad arguments/allocation failure */
+int qg_matmul_avx2(const qg_args *a);
+int qg_matmul_avx512(const qg_args *a);
+
+#endif

@@ -1,0 +1,296 @@
+/* The per-ISA body of the quantized matrix product. Included by qgemm_avx2.c (QG_W == 256) and
+ * qgemm_avx512.c (QG_W == 512) after a `#pragma GCC target`; QG_SFX names the entry point.
+ *
+ * Algorithm (llama.cpp style):
+ *   1. every activation row is quantized to int8 in blocks of 32 (scale d = max|x| / 127); per block
+ *      the scale is kept once per 4-value lane (dxl) and d * sum(q) per 16 values (xs);
+ *   2. weight rows are unpacked NW at a time into unsigned 8-bit codes + lane scales + group offsets
+ *      (qgemm_unpack.h), so y[i] = dwl * q + mw;
+ *   3. a register-blocked micro-kernel computes NW x NY outputs at once: per 64 (AVX-512) or 32
+ *      (AVX2) weights an integer dot product per 4-weight lane, converted to float and scaled by
+ *      dwl * dxl; the group offsets add sum_g mw[g] * xs[g].
+ * Unpacking costs O(K) per weight row and is shared by all activation rows of a tile, which are
+ * walked in chunks that fit the L2 cache. Threads take 16-row work items from an atomic counter.
+ */
+#include <stdlib.h>
+#include <omp.h>
+#include "qgemm.h"
+#include "qgemm_unpack.h"
+
+#define NWMAX 4
+#define NYMAX 4
+#define ROWS_PER_ITEM 16
+#define MAXTHREADS 64
+
+#define CAT2(a, b) a##b
+#define CAT(a, b) CAT2(a, b)
+
+/* ---------------------------------------------------------------------------------------------
+ * scratch buffers (one call at a time: the Python module serialises calls) */
+
+static void *act_buf;
+static size_t act_cap;
+static void *unp_buf[MAXTHREADS];
+static size_t unp_cap[MAXTHREADS];
+
+static void *grow(void **buf, size_t *cap, size_t need) {
+    if (need > *cap) {
+        free(*buf);
+        size_t sz = (need + 4095) & ~(size_t)4095;
+        *buf = aligned_alloc(64, sz);
+        *cap = *buf ? sz : 0;
+    }
+    return *buf;
+}
+
+static inline int64_t round64(int64_t v) { return (v + 63) & ~(int64_t)63; }
+
+/* byte offsets inside a quantized activation row / unpacked weight row of length K */
+typedef struct {
+    int64_t dl, sm, stride;
+} layout;
+
+static layout make_layout(int64_t K) {
+    layout L;
+    L.dl = round64(K);            /* K bytes of codes, then K/4 lane scales */
+    L.sm = L.dl + round64(K);     /* then K/16 group sums / offsets */
+    L.stride = L.sm + round64(K / 4);
+    return L;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * activation quantization */
+
+static void quantize_row(const float *x, int64_t K, uint8_t *dst, const layout *L) {
+    int8_t *q = (int8_t *)dst;
+    float *dxl = (float *)(dst + L->dl), *xs = (float *)(dst + L->sm);
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + 32 * b;
+#if QG_W == 512
+        __m512 a = _mm512_loadu_ps(xb), c = _mm512_loadu_ps(xb + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+        float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
+        __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
+        __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)(q + 32 * b), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(q + 32 * b + 16), _mm512_cvtsepi32_epi8(qc));
+        _mm256_storeu_ps(dxl + 8 * b, _mm256_set1_ps(d));
+        xs[2 * b] = d * (float)_mm512_reduce_add_epi32(qa);
+        xs[2 * b + 1] = d * (float)_mm512_reduce_add_epi32(qc);
+#else
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4);
+        float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
+        int32_t s[2] = {0, 0};
+        for (int i = 0; i < 4; i++) {
+            __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+            int32_t t[8];
+            _mm256_storeu_si256((__m256i *)t, qi);
+            for (int l = 0; l < 8; l++) {
+                q[32 * b + 8 * i + l] = (int8_t)t[l];
+                s[i / 2] += t[l];
+            }
+        }
+        _mm256_storeu_ps(dxl + 8 * b, _mm256_set1_ps(d));
+        xs[2 * b] = d * (float)s[0];
+        xs[2 * b + 1] = d * (float)s[1];
+#endif
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * micro-kernel: out[j * ldo + r] = row r . activation j, r < NW, j < NY */
+
+typedef struct {
+    const uint8_t *w[NWMAX]; /* unpacked weight rows */
+    const uint8_t *x[NYMAX]; /* quantized activation rows */
+    float *out;
+    int64_t ldo, K;
+    const layout *L;
+} kargs;
+
+static inline __attribute__((always_inline)) float corr_dot(const float *mw, const float *xs, int64_t G,
+                                                            const float *dwl) {
+    /* sum_g mw[g] * xs[g]  (AVX2: codes are biased by 128 inside the kernel, so mw + 128 * dw) */
+    float s = 0.0f;
+#if QG_W == 512
+    (void)dwl;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(mw + g), _mm512_loadu_ps(xs + g), acc);
+    s = _mm512_reduce_add_ps(acc);
+    for (; g < G; g++) s += mw[g] * xs[g];
+#else
+    for (int64_t g = 0; g < G; g++) s += (mw[g] + 128.0f * dwl[4 * g]) * xs[g];
+#endif
+    return s;
+}
+
+#if QG_W == 512
+static inline __attribute__((always_inline)) float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#else
+static inline __attribute__((always_inline)) float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline __attribute__((always_inline)) void kern(const kargs *ka, const int NW, const int NY) {
+    const int64_t K = ka->K, dl = ka->L->dl;
+#if QG_W == 512
+    __m512 acc[NWMAX][NYMAX];
+    for (int r = 0; r < NW; r++)
+        for (int j = 0; j < NY; j++) acc[r][j] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k < K; k += 64) {
+        const __mmask64 mb = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        const __mmask16 mf = K - k >= 64 ? (__mmask16)0xFFFF : (__mmask16)(((unsigned)1 << ((K - k) / 4)) - 1);
+        __m512i w[NWMAX];
+        __m512 s[NWMAX];
+        for (int r = 0; r < NW; r++) {
+            w[r] = _mm512_maskz_loadu_epi8(mb, ka->w[r] + k);
+            s[r] = _mm512_maskz_loadu_ps(mf, (const float *)(ka->w[r] + dl) + k / 4);
+        }
+        for (int j = 0; j < NY; j++) {
+            const __m512i xv = _mm512_maskz_loadu_epi8(mb, ka->x[j] + k);
+            const __m512 dv = _mm512_maskz_loadu_ps(mf, (const float *)(ka->x[j] + dl) + k / 4);
+            for (int r = 0; r < NW; r++) {
+                __m512i t = _mm512_dpbusd_epi32(zero, w[r], xv);
+                acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s[r], dv), acc[r][j]);
+            }
+        }
+    }
+#else
+    __m256 acc[NWMAX][NYMAX];
+    for (int r = 0; r < NW; r++)
+        for (int j = 0; j < NY; j++) acc[r][j] = _mm256_setzero_ps();
+    const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    for (int64_t k = 0; k < K; k += 32) {
+        __m256i a[NWMAX], sg[NWMAX];
+        __m256 s[NWMAX];
+        for (int r = 0; r < NW; r++) {
+            sg[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(ka->w[r] + k)), bias);
+            a[r] = _mm256_abs_epi8(sg[r]);
+            s[r] = _mm256_loadu_ps((const float *)(ka->w[r] + dl) + k / 4);
+        }
+        for (int j = 0; j < NY; j++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(ka->x[j] + k));
+            const __m256 dv = _mm256_loadu_ps((const float *)(ka->x[j] + dl) + k / 4);
+            for (int r = 0; r < NW; r++) {
+                __m256i p = _mm256_maddubs_epi16(a[r], _mm256_sign_epi8(xv, sg[r]));
+                __m256i t = _mm256_madd_epi16(p, ones);
+                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(s[r], dv), acc[r][j]);
+            }
+        }
+    }
+#endif
+    const int64_t sm = ka->L->sm;
+    for (int r = 0; r < NW; r++)
+        for (int j = 0; j < NY; j++) {
+            float c = corr_dot((const float *)(ka->w[r] + sm), (const float *)(ka->x[j] + sm), K / 16,
+                               (const float *)(ka->w[r] + dl));
+            ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + c;
+        }
+}
+
+typedef void (*kern_fn)(const kargs *);
+#define KDEF(nw, ny) \
+    static void CAT(kern_##nw##_##ny, QG_SFX)(const kargs *ka) { kern(ka, nw, ny); }
+KDEF(1, 1) KDEF(1, 2) KDEF(1, 3) KDEF(1, 4)
+KDEF(2, 1) KDEF(2, 2) KDEF(2, 3) KDEF(2, 4)
+KDEF(3, 1) KDEF(3, 2) KDEF(3, 3) KDEF(3, 4)
+KDEF(4, 1) KDEF(4, 2) KDEF(4, 3) KDEF(4, 4)
+#define KROW(nw) \
+    { CAT(kern_##nw##_1, QG_SFX), CAT(kern_##nw##_2, QG_SFX), CAT(kern_##nw##_3, QG_SFX), CAT(kern_##nw##_4, QG_SFX) }
+static const kern_fn kernels[NWMAX][NYMAX] = {KROW(1), KROW(2), KROW(3), KROW(4)};
+
+/* ---------------------------------------------------------------------------------------------
+ * driver */
+
+typedef struct {
+    const qg_args *a;
+    unpack_fn unpack;
+    const layout *L;
+    const uint8_t *act;
+    int64_t nc, ntiles;
+} plan;
+
+static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
+    const qg_args *a = p->a;
+    const int64_t chunk = item / p->ntiles, tile = item % p->ntiles;
+    const int64_t r_end = a->N < (tile + 1) * ROWS_PER_ITEM ? a->N : (tile + 1) * ROWS_PER_ITEM;
+    const int64_t y0 = chunk * p->nc, y_end = a->n < y0 + p->nc ? a->n : y0 + p->nc;
+    const int64_t stride = p->L->stride;
+    kargs ka;
+    ka.ldo = a->N;
+    ka.K = a->K;
+    ka.L = p->L;
+    for (int64_t r0 = tile * ROWS_PER_ITEM; r0 < r_end; r0 += NWMAX) {
+        const int nw = r_end - r0 < NWMAX ? (int)(r_end - r0) : NWMAX;
+        for (int r = 0; r < nw; r++) {
+            uint8_t *u = ubuf + r * stride;
+            p->unpack(a->w + (r0 + r) * a->row_nbytes, a->K, u, (float *)(u + p->L->dl),
+                      (float *)(u + p->L->sm));
+            ka.w[r] = u;
+        }
+        for (int64_t y = y0; y < y_end; y += NYMAX) {
+            const int ny = y_end - y < NYMAX ? (int)(y_end - y) : NYMAX;
+            for (int j = 0; j < ny; j++) ka.x[j] = p->act + (y + j) * stride;
+            ka.out = a->out + y * a->N + r0;
+            kernels[nw - 1][ny - 1](&ka);
+        }
+    }
+}
+
+int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
+    const int64_t n = a->n, K = a->K, N = a->N;
+    unpack_fn unpack = pick_unpack(a->type);
+    if (!unpack || K <= 0 || K % 32 || qg_row_nbytes(a->type, K) != a->row_nbytes) return 1;
+    if (n <= 0 || N <= 0) return 0;
+    const layout L = make_layout(K);
+    int nth = a->nthreads < 1 ? 1 : (a->nthreads > MAXTHREADS ? MAXTHREADS : a->nthreads);
+    if ((double)n * N * K < 200000.0) nth = 1; /* too small to pay for waking a thread */
+    uint8_t *act = grow(&act_buf, &act_cap, (size_t)(n * L.stride));
+    if (!act) return 2;
+    for (int t = 0; t < nth; t++)
+        if (!grow(&unp_buf[t], &unp_cap[t], (size_t)(NWMAX * L.stride))) return 2;
+    /* activation rows per chunk: about 1 MiB of quantized rows, so a chunk stays in L2 */
+    int64_t nc = (1 << 20) / L.stride;
+    nc = nc < NYMAX ? NYMAX : nc - nc % NYMAX;
+    plan p = {a, unpack, &L, act, nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM};
+    const int64_t total = ((n + nc - 1) / nc) * p.ntiles;
+    int64_t next = 0;
+    /* few rows: quantize here, so that the threads start without a barrier */
+    const int quant_inside = nth > 1 && n > 8;
+    if (!quant_inside)
+        for (int64_t j = 0; j < n; j++) quantize_row(a->x + j * K, K, act + j * L.stride, &L);
+    if (nth == 1) {
+        for (int64_t it = 0; it < total; it++) run_item(&p, it, unp_buf[0]);
+        return 0;
+    }
+#pragma omp parallel num_threads(nth)
+    {
+        const int tid = omp_get_thread_num();
+        if (quant_inside) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < n; j++) quantize_row(a->x + j * K, K, act + j * L.stride, &L);
+        }
+        for (;;) {
+            const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (it >= total) break;
+            run_item(&p, it, unp_buf[tid]);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,132 @@
+/* CPython binding of the quantized matrix-product kernels: `vramfit.kernels.cpu._qgemm`.
+ *
+ * Compiled without ISA flags; the AVX2 and AVX-512 bodies live in their own translation units and
+ * are chosen here with __builtin_cpu_supports. Arguments are plain integers (tensor data pointers),
+ * so a call costs well under a microsecond of binding overhead.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include "qgemm.h"
+
+static int detected = -1; /* 0 none, 1 AVX2, 2 AVX-512 VNNI */
+static int level = -1;    /* the level in use (tests may lower it) */
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int detect(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni"))
+        return 2;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int64_t qg_row_nbytes(int type, int64_t K) {
+    if (K <= 0 || K % 32) return 0;
+    const int64_t b32 = K / 32, b256 = K / 256;
+    const int k256 = K % 256 == 0;
+    switch (type) {
+    case QG_Q4_0: return 18 * b32;
+    case QG_Q4_1: return 20 * b32;
+    case QG_Q5_0: return 22 * b32;
+    case QG_Q5_1: return 24 * b32;
+    case QG_Q8_0: return 34 * b32;
+    case QG_Q6_0: return 26 * b32;
+    case QG_IQ4_NL: return 18 * b32;
+    case QG_Q4_K: return k256 ? 144 * b256 : 0;
+    case QG_Q5_K: return k256 ? 176 * b256 : 0;
+    case QG_Q6_K: return k256 ? 210 * b256 : 0;
+    case QG_IQ4_XS: return k256 ? 136 * b256 : 0;
+    case QG_IQ4_K: return k256 ? 144 * b256 : 0;
+    case QG_IQ4_KS: return k256 ? 4 + 136 * b256 : 0;
+    case QG_IQ5_KS: return k256 ? 4 + 168 * b256 : 0;
+    default: return 0;
+    }
+}
+
+static PyObject *py_cpu_level(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyLong_FromLong(level);
+}
+
+static PyObject *py_set_level(PyObject *self, PyObject *arg) {
+    (void)self;
+    long want = PyLong_AsLong(arg);
+    if (want == -1 && PyErr_Occurred()) return NULL;
+    level = want < 0 || want > detected ? detected : (int)want;
+    return PyLong_FromLong(level);
+}
+
+static PyObject *py_row_nbytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "row_nbytes(type_id, K)");
+        return NULL;
+    }
+    long type = PyLong_AsLong(args[0]);
+    long long K = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(qg_row_nbytes((int)type, K));
+}
+
+/* matmul(x_ptr, n, K, w_ptr, N, row_nbytes, type_id, out_ptr, nthreads) */
+static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "matmul expects 9 integer arguments");
+        return NULL;
+    }
+    qg_args a;
+    a.x = (const float *)PyLong_AsVoidPtr(args[0]);
+    a.n = PyLong_AsLongLong(args[1]);
+    a.K = PyLong_AsLongLong(args[2]);
+    a.w = (const uint8_t *)PyLong_AsVoidPtr(args[3]);
+    a.N = PyLong_AsLongLong(args[4]);
+    a.row_nbytes = PyLong_AsLongLong(args[5]);
+    a.type = (int)PyLong_AsLong(args[6]);
+    a.out = (float *)PyLong_AsVoidPtr(args[7]);
+    a.nthreads = (int)PyLong_AsLong(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    if (level <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "no supported CPU instruction set (needs AVX2 + FMA)");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&lock);
+    rc = level >= 2 ? qg_matmul_avx512(&a) : qg_matmul_avx2(&a);
+    pthread_mutex_unlock(&lock);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_SetString(rc == 2 ? PyExc_MemoryError : PyExc_ValueError,
+                        rc == 2 ? "qgemm: out of memory for scratch buffers"
+                                : "qgemm: unsupported type or row size");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"cpu_level", py_cpu_level, METH_NOARGS, "0 none, 1 AVX2, 2 AVX-512 VNNI (the level in use)"},
+    {"set_level", py_set_level, METH_O, "use at most this level (tests); returns the level in use"},
+    {"row_nbytes", (PyCFunction)(void (*)(void))py_row_nbytes, METH_FASTCALL,
+     "bytes per packed row for (type_id, K); 0 when unsupported"},
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
+     "matmul(x_ptr, n, K, w_ptr, N, row_nbytes, type_id, out_ptr, nthreads)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_qgemm", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__qgemm(void) {
+    detected = detect();
+    level = detected;
+    return PyModule_Create(&moduledef);
+}
