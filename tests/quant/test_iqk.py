@@ -308,7 +308,8 @@ def _check_roundtrip(type_name: str, x: np.ndarray, imat: np.ndarray | None, kin
         k = np.abs(x).argmax(-1)[:, None]
         peak_x, peak_y = np.take_along_axis(x, k, -1), np.take_along_axis(y, k, -1)
         assert np.all(np.abs(peak_y - peak_x) <= 0.03 * np.abs(peak_x))
-        assert np.all(err <= 0.5 * rms)
+        # 2-3 bit grids have no zero: the huge value's zero-weight block-mates land anywhere on it
+        assert np.all(err <= (1.5 if type_name in ("iq2_k", "iq3_k") else 0.5) * rms)
     else:  # denormals: finite and no larger than the input's scale
         assert np.all(err <= 2 * rms + 1e-38)
 
