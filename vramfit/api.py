@@ -65,7 +65,8 @@ class Model:
         `sampling` takes SamplingParams fields: temperature, top_k, top_p, min_p, repeat_penalty,
         repeat_last_n, presence_penalty, frequency_penalty, seed."""
         ids = self.tokenize(prompt, special=special) if isinstance(prompt, str) else list(prompt)
-        pieces = self._stream(ids, max_tokens, SamplingParams(**sampling), tuple(stop))
+        self.last_stats = Stats()  # reset now, not when a stream starts being read
+        pieces = self._stream(ids, max_tokens, SamplingParams(**sampling), tuple(stop), self.last_stats)
         return pieces if stream else "".join(pieces)
 
     def chat(
@@ -86,8 +87,7 @@ class Model:
         eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
         return render_chat(self.chat_template, messages, tools, add_generation_prompt, bos, eos)
 
-    def _stream(self, ids: list[int], max_tokens: int, params: SamplingParams, stop) -> Iterator[str]:
-        self.last_stats = Stats()
+    def _stream(self, ids: list[int], max_tokens: int, params: SamplingParams, stop, stats) -> Iterator[str]:
         events = self.engine.generate(
             ids,
             max_tokens,
@@ -95,7 +95,7 @@ class Model:
             stop_ids=set(self.tokenizer.eot_ids),
             detok=_Detok(self.tokenizer),
             stop_strings=stop,
-            stats=self.last_stats,
+            stats=stats,
         )
         for ev in events:
             if ev.text:

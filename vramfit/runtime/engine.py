@@ -69,8 +69,7 @@ class Engine:
             )
         if not ids:
             raise ValueError("empty prompt: nothing to evaluate")
-        keep = _common_prefix(self.tokens, ids)
-        keep = min(keep, len(ids) - 1)  # always recompute at least the last token for its logits
+        keep = self._reusable(ids)
         self.tokens = self.tokens[:keep]
         hidden = None
         for s in range(keep, len(ids), self.prefill_chunk):
@@ -78,6 +77,15 @@ class Engine:
             hidden = self.model.forward(torch.tensor(chunk, dtype=torch.long), self.cache, s)
             self.tokens.extend(chunk)
         return self.model.logits(hidden[-1:])[0]
+
+    def _reusable(self, ids: list[int]) -> int:
+        """How many cached tokens `ids` can keep. At least the last token is recomputed for its
+        logits; a recurrent state (cache.supports_truncate False) cannot be cut back, so it is kept
+        only whole."""
+        keep = min(_common_prefix(self.tokens, ids), len(ids) - 1)
+        if keep < len(self.tokens) and not getattr(self.cache, "supports_truncate", True):
+            return 0
+        return keep
 
     @torch.inference_mode()
     def logits_all(self, ids: list[int]) -> torch.Tensor:
@@ -101,16 +109,18 @@ class Engine:
         detok=None,
         stop_strings: tuple[str, ...] = (),
         stats: Stats | None = None,
+        sampler: Sampler | None = None,
     ) -> Iterator[Event]:
         """Yields events until max_tokens, a stop token or a stop string. `detok` is an incremental
-        decoder with push(id) -> str and flush() -> str; without it events carry no text."""
+        decoder with push(id) -> str and flush() -> str; without it events carry no text. `sampler`
+        replaces Sampler(params) (the server's adds logit bias and records logprobs)."""
         stats = stats if stats is not None else Stats()
         stats.prompt_tokens = len(prompt)
-        stats.cached_tokens = min(_common_prefix(self.tokens, prompt), len(prompt) - 1)
+        stats.cached_tokens = self._reusable(prompt)
         t0 = time.perf_counter()
         logits = self.eval(prompt)
         stats.prefill_s = time.perf_counter() - t0
-        sampler, history = Sampler(params), list(prompt)
+        sampler, history = sampler or Sampler(params), list(prompt)
         guard = _StopGuard(stop_strings)
         stats.finish_reason = "length"
         t0 = time.perf_counter()
@@ -131,7 +141,9 @@ class Engine:
                 break
             logits = self._step(tok)
         if not hit:  # the text held back for a possible stop string or an unfinished character
-            tail, _ = guard.push(detok.flush() if detok else "")
+            tail, hit = guard.push(detok.flush() if detok else "")
+            if hit:
+                stats.finish_reason = "stop"
             if tail := tail + guard.flush():
                 yield Event(-1, tail)
         stats.decode_s = time.perf_counter() - t0
