@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--json", action="store_true")
+
+    from vramfit.quant.verbs import add_parsers  # imatrix, quantize, perplexity
+
+    add_parsers(sub)
     return ap
 
 
@@ -99,7 +103,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         GGUFError, UnknownTypeError, PullError, ModelError, UnsupportedTypeError, ChatTemplateError,
         ContextOverflowError, TokenizerError, FileNotFoundError, PermissionError, IsADirectoryError,
+        *_quality_errors(),
     )  # fmt: skip
+
+
+def _quality_errors() -> tuple[type[BaseException], ...]:
+    from vramfit.eval.perplexity import PerplexityError
+    from vramfit.quant.imatrix import ImatrixError
+    from vramfit.quant.pipeline import QuantizeError
+    from vramfit.quant.recipes import RecipeError
+
+    return ImatrixError, RecipeError, QuantizeError, PerplexityError
 
 
 def main(argv: list[str] | None = None) -> int:

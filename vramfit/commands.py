@@ -177,3 +177,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         out.print(format_table(rows))
     return 0
+
+
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    from vramfit.quant.verbs import cmd_imatrix
+
+    return cmd_imatrix(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from vramfit.quant.verbs import cmd_quantize
+
+    return cmd_quantize(args)
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from vramfit.quant.verbs import cmd_perplexity
+
+    return cmd_perplexity(args)
