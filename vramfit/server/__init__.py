@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server: protocol (schemas), serving (engine calls, parsing), app (routes)."""
