@@ -1,4 +1,4 @@
-"""The `vramfit` command: run, chat, inspect, pull, bench. Verbs import their work lazily.
+"""The `vramfit` command: run, chat, serve, inspect, pull, bench. Verbs import their work lazily.
 
 Every failure the user can cause (missing or bad file, unknown model, prompt too long) ends in one
 line on stderr and exit status 2; `--debug` shows the traceback instead.
@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, tools, metrics)")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--parallel", type=int, default=1, help="slots: requests generated at the same time")
+    p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer or x-api-key)")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="CORS origin (repeatable)")
 
     from vramfit.quant.verbs import add_parsers  # imatrix, quantize, perplexity
 

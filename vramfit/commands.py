@@ -179,6 +179,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vramfit.server.app import serve
+
+    if args.parallel < 1:
+        err.print("vramfit: error: --parallel must be at least 1")
+        return 2
+    serve(args.model, args.host, args.port, args.ctx, args.parallel, args.api_key, args.cors or None)
+    return 0
+
+
 def cmd_imatrix(args: argparse.Namespace) -> int:
     from vramfit.quant.verbs import cmd_imatrix
 

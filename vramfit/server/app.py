@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vramfit.server.parsing import Delta
@@ -92,12 +93,6 @@ def _error(status: int, message: str, type_: str, code: str | None = None, param
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """One readable line for pydantic errors, and the first offending parameter."""
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        loc = first.get("loc", ())
-        where = f" at character {loc[1]}" if len(loc) > 1 else ""
-        why = (first.get("ctx") or {}).get("error", "JSON decode error")
-        return f"malformed JSON in the request body: {why}{where}", None
     parts, param = [], None
     for e in errors[:5]:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
@@ -106,6 +101,26 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         parts.append(f"{field or 'body'}: {e.get('msg', 'invalid')}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "invalid request: " + "; ".join(parts) + more, param
+
+
+async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
+    """The JSON body validated by `schema`, whatever the Content-Type (curl -d sends a form type)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise APIError(400, f"malformed JSON in the request body: {why}{where}", "invalid_request_error",
+                       "invalid_json") from None  # fmt: skip
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}",
+                       "invalid_request_error", "invalid_json")  # fmt: skip
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        message, param = _validation_message(e.errors(include_url=False))
+        raise APIError(400, message, "invalid_request_error", None, param) from None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -206,7 +221,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return ModelList(data=[card]).model_dump()
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request, s: Ready):
+    async def chat(request: Request, s: Ready):
+        req = await parse_body(request, ChatCompletionRequest)
         plan = await asyncio.to_thread(s.prepare_chat, req)
         gen = await s.start(plan.job)
         if req.stream:
@@ -215,7 +231,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return _chat_response(s, req, plan, gen, pieces)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request, s: Ready):
+    async def completions(request: Request, s: Ready):
+        req = await parse_body(request, CompletionRequest)
         job, prompt_text = await asyncio.to_thread(s.prepare_completion, req)
         gen = await s.start(job)
         if req.stream:
