@@ -33,3 +33,15 @@ def load_reference(name: str) -> tuple[dict, dict[str, np.ndarray]]:
     meta = json.loads((REFERENCE / f"{stem}.dev.json").read_text())
     arrays = dict(np.load(REFERENCE / f"{stem}.dev.npz"))
     return meta, arrays
+
+
+def _hypothesis_profile() -> None:
+    # Deterministic examples (CI must not flake on a new random draw) and no per-example deadline
+    # (the machine is small and shared).
+    from hypothesis import settings
+
+    settings.register_profile("vramfit", derandomize=True, deadline=None)
+    settings.load_profile("vramfit")
+
+
+_hypothesis_profile()
