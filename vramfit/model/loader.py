@@ -22,6 +22,7 @@ ARCHITECTURES = {
     "llama": "vramfit.model.llama:LlamaModel",
     "qwen2": "vramfit.model.qwen2:Qwen2Model",
     "qwen3": "vramfit.model.qwen2:Qwen2Model",
+    "qwen35": "vramfit.model.qwen35:Qwen35Model",
 }
 
 
