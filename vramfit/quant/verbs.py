@@ -144,11 +144,12 @@ class _RichProgress:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from vramfit.hub import resolve
     from vramfit.quant.pipeline import QuantizeRequest, quantize
 
     out, err = _console()
     req = QuantizeRequest(
-        Path(args.input),
+        Path(args.input) if Path(args.input).exists() else resolve(args.input),
         Path(args.output),
         args.type,
         Path(args.imatrix) if args.imatrix else None,
