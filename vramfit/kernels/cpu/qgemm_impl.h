@@ -215,6 +215,66 @@ KDEF(4, 1) KDEF(4, 2) KDEF(4, 3) KDEF(4, 4)
     { CAT(kern_##nw##_1, QG_SFX), CAT(kern_##nw##_2, QG_SFX), CAT(kern_##nw##_3, QG_SFX), CAT(kern_##nw##_4, QG_SFX) }
 static const kern_fn kernels[NWMAX][NYMAX] = {KROW(1), KROW(2), KROW(3), KROW(4)};
 
+#if QG_W == 512
+#include "qgemm_decode.h"
+
+static void *fact_buf;
+static size_t fact_cap;
+
+typedef struct {
+    const qg_args *a;
+    const dec_fn *dec;
+    fact A[8];
+    int64_t nblocks, ntiles;
+} dplan;
+
+static void run_dec_item(const dplan *p, int64_t tile) {
+    const qg_args *a = p->a;
+    const int64_t r_end = a->N < (tile + 1) * ROWS_PER_ITEM ? a->N : (tile + 1) * ROWS_PER_ITEM;
+    for (int64_t r = tile * ROWS_PER_ITEM; r < r_end; r++)
+        for (int64_t y = 0; y < a->n; y += NYMAX) {
+            const int ny = a->n - y < NYMAX ? (int)(a->n - y) : NYMAX;
+            p->dec[ny - 1](a->w + r * a->row_nbytes, p->nblocks, p->A + y, a->out + y * a->N + r, a->N);
+        }
+}
+
+/* n <= 8: fused kernels straight from the packed rows */
+static int fused_matmul(const qg_args *a, int nth) {
+    const int64_t n = a->n, K = a->K;
+    const layout L = make_layout(K);
+    const flayout F = make_flayout(K);
+    uint8_t *act = grow(&act_buf, &act_cap, (size_t)(n * L.stride));
+    uint8_t *fa = grow(&fact_buf, &fact_cap, (size_t)(n * F.stride));
+    if (!act || !fa) return 2;
+    dplan p;
+    p.a = a;
+    p.dec = pick_dec(a->type);
+    p.nblocks = a->type == QG_Q4_K || a->type == QG_Q5_K || a->type == QG_Q6_K ? K / 256 : K / 32;
+    p.ntiles = (a->N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    for (int64_t j = 0; j < n; j++) {
+        quantize_row(a->x + j * K, K, act + j * L.stride, &L);
+        uint8_t *dst = fa + j * F.stride;
+        reorder_act(act + j * L.stride, &L, K, fused_order(a->type), dst, &F);
+        p.A[j].q = dst;
+        p.A[j].dx = (const float *)(dst + F.dx);
+        p.A[j].s32 = (const float *)(dst + F.s32);
+        p.A[j].s16 = (const float *)(dst + F.s16);
+    }
+    if (nth == 1) {
+        for (int64_t t = 0; t < p.ntiles; t++) run_dec_item(&p, t);
+        return 0;
+    }
+    int64_t next = 0;
+#pragma omp parallel num_threads(nth)
+    for (;;) {
+        const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+        if (t >= p.ntiles) break;
+        run_dec_item(&p, t);
+    }
+    return 0;
+}
+#endif
+
 /* ---------------------------------------------------------------------------------------------
  * driver */
 
@@ -261,6 +321,9 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
     const layout L = make_layout(K);
     int nth = a->nthreads < 1 ? 1 : (a->nthreads > MAXTHREADS ? MAXTHREADS : a->nthreads);
     if ((double)n * N * K < 200000.0) nth = 1; /* too small to pay for waking a thread */
+#if QG_W == 512
+    if (n <= 8 && pick_dec(a->type)) return fused_matmul(a, nth);
+#endif
     uint8_t *act = grow(&act_buf, &act_cap, (size_t)(n * L.stride));
     if (!act) return 2;
     for (int t = 0; t < nth; t++)

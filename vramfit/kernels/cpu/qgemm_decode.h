@@ -1,0 +1,313 @@
+/* AVX-512 VNNI fused decode path (few activation rows, n <= 8): the weight codes go straight from
+ * the packed bytes into dpbusd, with no unpacked copy of the row.
+ *
+ * The activations are quantized as for the tiled path, then their bytes are reordered to follow
+ * each format's natural nibble order, so the weights need no shuffles:
+ *   SPLIT16 (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL): per 4 blocks, weights 0..15 of each block, then 16..31;
+ *   Q4K (Q4_K, Q5_K): per 256, the 32-blocks in the order 0 2 1 3 4 6 5 7;
+ *   NATURAL (Q8_0, Q6_K).
+ * Scales are handled 4 blocks (legacy) or one super-block (K-quants) at a time in vector registers.
+ */
+
+enum { ORD_NATURAL = 0, ORD_SPLIT16 = 1, ORD_Q4K = 2 };
+
+static int fused_order(int type) {
+    switch (type) {
+    case QG_Q4_0: case QG_Q4_1: case QG_Q5_0: case QG_Q5_1: case QG_IQ4_NL: return ORD_SPLIT16;
+    case QG_Q4_K: case QG_Q5_K: return ORD_Q4K;
+    case QG_Q8_0: case QG_Q6_K: return ORD_NATURAL;
+    default: return -1;
+    }
+}
+
+/* compact activation row for the fused kernels */
+typedef struct {
+    const uint8_t *q; /* K (padded to 128) int8, reordered */
+    const float *dx;  /* per 32-block scale, natural block order, zero padded to a multiple of 4 */
+    const float *s32; /* dx * sum(q) per 32-block */
+    const float *s16; /* dx * sum(q) per 16 weights */
+} fact;
+
+typedef struct {
+    int64_t dx, s32, s16, stride;
+} flayout;
+
+static flayout make_flayout(int64_t K) {
+    flayout F;
+    const int64_t nb4 = (K / 32 + 3) / 4 * 4;
+    F.dx = round64(nb4 * 32);
+    F.s32 = F.dx + round64(nb4 * 4);
+    F.s16 = F.s32 + round64(nb4 * 4);
+    F.stride = F.s16 + round64(nb4 * 8);
+    return F;
+}
+
+/* natural quantized row (layout L) -> fused row (layout F) */
+static void reorder_act(const uint8_t *src, const layout *L, int64_t K, int order, uint8_t *dst, const flayout *F) {
+    const int64_t nb = K / 32;
+    memset(dst, 0, (size_t)F->stride);
+    const float *dxl = (const float *)(src + L->dl), *xs = (const float *)(src + L->sm);
+    float *dx = (float *)(dst + F->dx), *s32 = (float *)(dst + F->s32), *s16 = (float *)(dst + F->s16);
+    for (int64_t b = 0; b < nb; b++) {
+        dx[b] = dxl[8 * b];
+        s16[2 * b] = xs[2 * b];
+        s16[2 * b + 1] = xs[2 * b + 1];
+        s32[b] = xs[2 * b] + xs[2 * b + 1];
+    }
+    if (order == ORD_NATURAL) {
+        memcpy(dst, src, (size_t)K);
+    } else if (order == ORD_SPLIT16) {
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t g = b / 4, i = b % 4;
+            memcpy(dst + 128 * g + 16 * i, src + 32 * b, 16);
+            memcpy(dst + 128 * g + 64 + 16 * i, src + 32 * b + 16, 16);
+        }
+    } else {
+        static const int pos[8] = {0, 2, 1, 3, 4, 6, 5, 7}; /* slot s holds 32-block pos[s] */
+        for (int64_t b = 0; b < K / 256; b++)
+            for (int s = 0; s < 8; s++) memcpy(dst + 256 * b + 32 * s, src + 256 * b + 32 * pos[s], 32);
+    }
+}
+
+static inline __m512 lanes_of4(__m128 s) { /* [s0 x4, s1 x4, s2 x4, s3 x4] */
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
+}
+
+/* the 16-byte runs at p + off + S*i (i < nblk) into one register, zero beyond nblk */
+static inline __m512i load4x16(const uint8_t *p, int S, int off, int nblk) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + off)));
+    if (nblk == 4) {
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + S + off)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * S + off)), 2);
+        return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * S + off)), 3);
+    }
+    v = _mm512_maskz_mov_epi32(0x000F, v);
+    if (nblk > 1) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + S + off)), 1);
+    if (nblk > 2) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * S + off)), 2);
+    return v;
+}
+
+/* the 32-bit words at p + off + S*i (i < nblk), zero beyond */
+static inline int32_t ld32(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline __m128i load4x32(const uint8_t *p, int S, int off, int nblk) {
+    p += off;
+    if (nblk == 4) return _mm_setr_epi32(ld32(p), ld32(p + S), ld32(p + 2 * S), ld32(p + 3 * S));
+    return _mm_setr_epi32(ld32(p), nblk > 1 ? ld32(p + S) : 0, nblk > 2 ? ld32(p + 2 * S) : 0, 0);
+}
+
+/* one row of a legacy type against NY activation rows */
+static inline __attribute__((always_inline)) void dec_legacy(int type, const uint8_t *row, int64_t nb, const fact *A,
+                                                             const int NY, float *out, int64_t ldo) {
+    const int S = type == QG_Q4_0 || type == QG_IQ4_NL ? 18 : type == QG_Q4_1 ? 20 : type == QG_Q5_0 ? 22
+                : type == QG_Q5_1 ? 24 : 34;
+    const int has_m = type == QG_Q4_1 || type == QG_Q5_1;
+    const int qs_off = type == QG_Q4_0 || type == QG_IQ4_NL ? 2 : type == QG_Q4_1 ? 4 : type == QG_Q5_0 ? 6 : 8;
+    const __m512i m15 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)kv_iq4nl_128));
+    const __m128i half_lo = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m512 acc[NYMAX];
+    __m128 cacc[NYMAX];
+    for (int j = 0; j < NY; j++) {
+        acc[j] = _mm512_setzero_ps();
+        cacc[j] = _mm_setzero_ps();
+    }
+    for (int64_t g = 0; g < nb; g += 4) {
+        const int nblk = nb - g < 4 ? (int)(nb - g) : 4;
+        const uint8_t *p = row + S * g;
+        __m512i lo, hi;
+        __m128 d, m;
+        const __m128i hd = load4x32(p, S, 0, nblk); /* d (and m) of each block */
+        if (has_m) {
+            __m256 dm = _mm256_cvtph_ps(hd);
+            dm = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+            d = _mm256_castps256_ps128(dm);
+            m = _mm256_extractf128_ps(dm, 1);
+        } else {
+            d = _mm_cvtph_ps(_mm_shuffle_epi8(hd, half_lo));
+        }
+        if (type == QG_Q8_0) {
+            __m512i v0 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + 2)));
+            __m512i v1 = _mm512_setzero_si512();
+            if (nblk > 1) v0 = _mm512_inserti64x4(v0, _mm256_loadu_si256((const __m256i *)(p + S + 2)), 1);
+            if (nblk > 2) v1 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + 2 * S + 2)));
+            if (nblk > 3) v1 = _mm512_inserti64x4(v1, _mm256_loadu_si256((const __m256i *)(p + 3 * S + 2)), 1);
+            const __m512i bias = _mm512_set1_epi8((char)0x80);
+            lo = _mm512_xor_si512(v0, bias);
+            hi = _mm512_xor_si512(v1, bias);
+            m = _mm_mul_ps(d, _mm_set1_ps(-128.0f));
+        } else {
+            const __m512i v = load4x16(p, S, qs_off, nblk);
+            lo = _mm512_and_si512(v, m15);
+            hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
+            if (type == QG_Q5_0 || type == QG_Q5_1) {
+                /* bit j of qh: weight j; lo holds weights 0..15 of each block, hi 16..31 */
+                const __m128i qh = load4x32(p, S, type == QG_Q5_0 ? 2 : 4, nblk);
+                const __m128i sp = _mm_shuffle_epi8(qh, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+                const __m512i b16 = _mm512_set1_epi8(16);
+                lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64((uint64_t)_mm_cvtsi128_si64(sp)), lo, b16);
+                hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64((uint64_t)_mm_extract_epi64(sp, 1)), hi, b16);
+            }
+            if (type == QG_IQ4_NL) {
+                lo = _mm512_shuffle_epi8(lut, lo);
+                hi = _mm512_shuffle_epi8(lut, hi);
+            }
+            if (!has_m) m = _mm_mul_ps(d, _mm_set1_ps(type == QG_Q4_0 ? -8.0f : type == QG_Q5_0 ? -16.0f : -128.0f));
+        }
+        for (int j = 0; j < NY; j++) {
+            const __m512i x0 = _mm512_loadu_si512(A[j].q + 32 * g), x1 = _mm512_loadu_si512(A[j].q + 32 * g + 64);
+            const __m128 s = _mm_mul_ps(d, _mm_loadu_ps(A[j].dx + g));
+            if (type == QG_Q8_0) {
+                const __m512 s16 = _mm512_castps128_ps512(s);
+                const __m512i i01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+                const __m512i i23 = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, x0)),
+                                         _mm512_permutexvar_ps(i01, s16), acc[j]);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, x1)),
+                                         _mm512_permutexvar_ps(i23, s16), acc[j]);
+            } else {
+                const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, x0), hi, x1);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), lanes_of4(s), acc[j]);
+            }
+            cacc[j] = _mm_fmadd_ps(m, _mm_loadu_ps(A[j].s32 + g), cacc[j]);
+        }
+    }
+    for (int j = 0; j < NY; j++) {
+        __m128 c = _mm_add_ps(cacc[j], _mm_movehl_ps(cacc[j], cacc[j]));
+        c = _mm_add_ss(c, _mm_movehdup_ps(c));
+        out[j * ldo] = _mm512_reduce_add_ps(acc[j]) + _mm_cvtss_f32(c);
+    }
+}
+
+/* Q4_K / Q5_K / Q6_K: one row against NY activation rows, a super-block at a time */
+static inline __attribute__((always_inline)) void dec_kquant(int type, const uint8_t *row, int64_t nsb, const fact *A,
+                                                             const int NY, float *out, int64_t ldo) {
+    const __m512i m15 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    __m512 acc[NYMAX], cacc[NYMAX];
+    for (int j = 0; j < NY; j++) {
+        acc[j] = _mm512_setzero_ps();
+        cacc[j] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nsb; b++) {
+        __m512i c[4];
+        __m512i idx[4];
+        __m512 dw, mw; /* per 32-block (Q4_K/Q5_K, 8 used) or per 16 (Q6_K) */
+        if (type == QG_Q6_K) {
+            const uint8_t *p = row + 210 * b;
+            for (int h = 0; h < 2; h++) {
+                const __m512i L = _mm512_loadu_si512(p + 64 * h);
+                const __m256i Q = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
+                const __m512i QQ = _mm512_inserti64x4(_mm512_castsi256_si512(Q), _mm256_srli_epi16(Q, 2), 1);
+                const __m512i three = _mm512_set1_epi8(3);
+                const __m512i h0 = _mm512_slli_epi16(_mm512_and_si512(QQ, three), 4);
+                const __m512i h1 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(QQ, 4), three), 4);
+                c[2 * h] = _mm512_or_si512(_mm512_and_si512(L, m15), h0);
+                c[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m15), h1);
+            }
+            const __m128i sc = _mm_loadu_si128((const __m128i *)(p + 192));
+            dw = _mm512_mul_ps(_mm512_set1_ps(h2f(p + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+            mw = _mm512_mul_ps(dw, _mm512_set1_ps(-32.0f));
+            for (int i = 0; i < 4; i++)
+                idx[i] = _mm512_setr_epi32(4 * i, 4 * i, 4 * i, 4 * i, 4 * i + 1, 4 * i + 1, 4 * i + 1, 4 * i + 1,
+                                           4 * i + 2, 4 * i + 2, 4 * i + 2, 4 * i + 2, 4 * i + 3, 4 * i + 3,
+                                           4 * i + 3, 4 * i + 3);
+        } else {
+            const int S = type == QG_Q4_K ? 144 : 176;
+            const uint8_t *p = row + S * b;
+            const uint8_t *qs = p + (type == QG_Q4_K ? 16 : 48);
+            const __m512i v0 = _mm512_loadu_si512(qs), v1 = _mm512_loadu_si512(qs + 64);
+            c[0] = _mm512_and_si512(v0, m15);                        /* 32-blocks 0, 2 */
+            c[1] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m15); /* 1, 3 */
+            c[2] = _mm512_and_si512(v1, m15);                        /* 4, 6 */
+            c[3] = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m15); /* 5, 7 */
+            if (type == QG_Q5_K) { /* bit k of qh[l]: 5th bit of weight 32k + l */
+                const __m256i Q = _mm256_loadu_si256((const __m256i *)(p + 16));
+                const __m512i one = _mm512_set1_epi8(1);
+                static const int sh[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+                for (int i = 0; i < 4; i++) {
+                    __m512i QQ = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(Q, sh[i][0])),
+                                                    _mm256_srli_epi16(Q, sh[i][1]), 1);
+                    c[i] = _mm512_or_si512(c[i], _mm512_slli_epi16(_mm512_and_si512(QQ, one), 4));
+                }
+            }
+            uint32_t u[3], t[4];
+            memcpy(u, p + 4, 12);
+            t[0] = u[0] & 0x3f3f3f3f;                                              /* sc 0..3 */
+            t[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);      /* sc 4..7 */
+            t[2] = u[1] & 0x3f3f3f3f;                                              /* m 0..3 */
+            t[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4); /* m 4..7 */
+            const __m512 scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)t)));
+            const float d = h2f(p), dmin = h2f(p + 2);
+            const __m512 sel = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d), _mm512_set1_ps(-dmin));
+            const __m512 both = _mm512_mul_ps(scm, sel); /* [d sc 0..7, -dmin m 0..7] */
+            dw = both;
+            mw = _mm512_permutexvar_ps(_mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15), both);
+            static const int pr[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+            for (int i = 0; i < 4; i++) {
+                const int a0 = pr[i][0], a1 = pr[i][1];
+                idx[i] = _mm512_setr_epi32(a0, a0, a0, a0, a0, a0, a0, a0, a1, a1, a1, a1, a1, a1, a1, a1);
+            }
+        }
+        for (int j = 0; j < NY; j++) {
+            const uint8_t *xq = A[j].q + 256 * b;
+            __m512 s;
+            if (type == QG_Q6_K) {
+                const __m512 dx16 = _mm512_permutexvar_ps(
+                    _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                    _mm512_castps256_ps512(_mm256_loadu_ps(A[j].dx + 8 * b)));
+                s = _mm512_mul_ps(dw, dx16);
+                cacc[j] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(A[j].s16 + 16 * b), cacc[j]);
+            } else {
+                s = _mm512_mul_ps(dw, _mm512_castps256_ps512(_mm256_loadu_ps(A[j].dx + 8 * b)));
+                cacc[j] = _mm512_mask3_fmadd_ps(mw, _mm512_castps256_ps512(_mm256_loadu_ps(A[j].s32 + 8 * b)),
+                                                cacc[j], 0x00FF);
+            }
+            for (int i = 0; i < 4; i++) {
+                const __m512i t = _mm512_dpbusd_epi32(zero, c[i], _mm512_loadu_si512(xq + 64 * i));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx[i], s), acc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < NY; j++) out[j * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j], cacc[j]));
+}
+
+typedef void (*dec_fn)(const uint8_t *row, int64_t nblocks, const fact *A, float *out, int64_t ldo);
+
+#define DDEF(T, KIND, ny) \
+    static void dec_##T##_##ny(const uint8_t *row, int64_t nb, const fact *A, float *out, int64_t ldo) { \
+        dec_##KIND(QG_##T, row, nb, A, ny, out, ldo); \
+    }
+#define DDEF4(T, KIND) DDEF(T, KIND, 1) DDEF(T, KIND, 2) DDEF(T, KIND, 3) DDEF(T, KIND, 4)
+DDEF4(Q4_0, legacy)
+DDEF4(Q4_1, legacy)
+DDEF4(Q5_0, legacy)
+DDEF4(Q5_1, legacy)
+DDEF4(IQ4_NL, legacy)
+DDEF4(Q8_0, legacy)
+DDEF4(Q4_K, kquant)
+DDEF4(Q5_K, kquant)
+DDEF4(Q6_K, kquant)
+#define DROW(T) {dec_##T##_1, dec_##T##_2, dec_##T##_3, dec_##T##_4}
+
+static const dec_fn *pick_dec(int type) {
+    static const dec_fn q4_0[4] = DROW(Q4_0), q4_1[4] = DROW(Q4_1), q5_0[4] = DROW(Q5_0), q5_1[4] = DROW(Q5_1),
+                        iq4_nl[4] = DROW(IQ4_NL), q8_0[4] = DROW(Q8_0), q4_K[4] = DROW(Q4_K),
+                        q5_K[4] = DROW(Q5_K), q6_K[4] = DROW(Q6_K);
+    switch (type) {
+    case QG_Q4_0: return q4_0;
+    case QG_Q4_1: return q4_1;
+    case QG_Q5_0: return q5_0;
+    case QG_Q5_1: return q5_1;
+    case QG_IQ4_NL: return iq4_nl;
+    case QG_Q8_0: return q8_0;
+    case QG_Q4_K: return q4_K;
+    case QG_Q5_K: return q5_K;
+    case QG_Q6_K: return q6_K;
+    default: return 0;
+    }
+}
