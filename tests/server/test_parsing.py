@@ -29,7 +29,9 @@ WEATHER = {
 }
 TOOLS = [WEATHER, {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
 
-HERMES_ONE = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+HERMES_ONE = (
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+)
 HERMES_TWO = (
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n'
     '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
@@ -130,6 +132,27 @@ def test_hermes_arguments_given_as_a_json_string():
     assert _args(out.tool_calls[0]) == {"tz": "UTC"}
 
 
+def test_bare_json_call_at_the_start_of_the_output():
+    out = parse_output('\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', TOOLS)
+    assert [(c.name, _args(c)) for c in out.tool_calls] == [("get_weather", {"city": "Paris"})]
+    assert out.content == ""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "Bob", "age": 3}',  # data, not a call: no arguments, not a tool's name
+        '{"name": "unknown_tool", "arguments": {}}',
+        'Sure: {"name": "now", "arguments": {}}',  # not at the start
+        '{"name": "now", "arguments": {',  # cut off
+        '{"city": "Paris"}',
+    ],
+)
+def test_bare_json_that_is_not_a_call_stays_content(text):
+    out = parse_output(text, TOOLS)
+    assert (out.content, out.tool_calls) == (text, [])
+
+
 def test_xml_call_values_typed_by_schema():
     out = parse_output("Checking.\n" + XML_ONE, TOOLS)
     assert out.content == "Checking.\n"
@@ -137,7 +160,8 @@ def test_xml_call_values_typed_by_schema():
 
 
 def test_xml_value_that_does_not_fit_its_type_stays_text():
-    text = "<tool_call>\n<function=get_weather>\n<parameter=days>\nthree\n</parameter>\n</function>\n</tool_call>"
+    text = "<tool_call>\n<function=get_weather>\n<parameter=days>\nthree\n</parameter>\n"
+    text += "</function>\n</tool_call>"
     assert _args(parse_output(text, TOOLS).tool_calls[0]) == {"days": "three"}
 
 
@@ -149,7 +173,8 @@ def test_xml_without_wrapper_and_without_parameter_close():
 
 
 def test_xml_multiline_string_value_keeps_inner_newlines():
-    text = "<tool_call>\n<function=now>\n<parameter=code>\nline1\n\nline2\n</parameter>\n</function>\n</tool_call>"
+    text = "<tool_call>\n<function=now>\n<parameter=code>\nline1\n\nline2\n</parameter>\n"
+    text += "</function>\n</tool_call>"
     assert _args(parse_output(text, TOOLS).tool_calls[0]) == {"code": "line1\n\nline2"}
 
 
@@ -189,7 +214,12 @@ def test_parallel_false_keeps_the_first_call_only():
     assert [c.name for c in p.result.tool_calls] == ["get_weather"]
 
 
-@pytest.mark.parametrize("text", [HERMES_ONE, HERMES_TWO, XML_ONE, "<think>a<b</think>x<tool" + "box>"])
+BARE = '{"name": "get_weather", "arguments": {"city": "Oslo"}}\n{"name": "now", "arguments": {}}'
+
+
+@pytest.mark.parametrize(
+    "text", [HERMES_ONE, HERMES_TWO, XML_ONE, BARE, '{"name": "Bob"} x', "<think>a<b</think>x<tool" + "box>"]
+)
 @pytest.mark.parametrize("step", [1, 2, 7])
 def test_streamed_deltas_rebuild_the_whole_text_parse(text, step):
     deltas, _ = _stream(text, step)

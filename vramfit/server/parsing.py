@@ -5,6 +5,8 @@ Formats, from the Qwen chat templates and their reference parsers:
 - Qwen3-Coder / Qwen3.5 XML: `<tool_call>\n<function=NAME>\n<parameter=P>\nvalue\n</parameter>\n
   </function>\n</tool_call>`, each value typed by the tool's JSON schema (a bare `<function=` block
   without the `<tool_call>` wrapper is accepted too)
+- a bare `{"name": ..., "arguments": ...}` object as the whole start of the output (what small
+  Qwen2.5 models write when they drop the tags), as llama.cpp's Hermes parser accepts it
 - `<think>...</think>` becomes reasoning; a prompt that ends inside `<think>` starts in reasoning.
 
 The parser is incremental: `feed(text)` returns the deltas that are certain so far (text that could be
@@ -111,6 +113,7 @@ class OutputParser:
         self.buf = ""
         self.wrapped = False  # the current XML call sits inside <tool_call>
         self.strip_content = False  # drop whitespace after </think> and between calls
+        self.bare_ok = parse_tools  # nothing but whitespace written yet: a bare JSON call may follow
         self.calls: list[ToolCall] = []
         self.out = ParsedOutput()
         self._n_params = 0
@@ -134,6 +137,11 @@ class OutputParser:
             self._content(deltas, buf)
         elif self.state == "call":
             self._close_json_call(deltas, buf, closed=False)
+        elif self.state == "bare":
+            if (parsed := self._bare_calls(buf)) is not None:
+                self._emit_json_calls(deltas, parsed)
+            else:
+                self._content(deltas, buf)
         elif self.state in ("xml_body", "xml_head"):
             if self.state == "xml_body":
                 self._xml_params(deltas, buf, final=True)
@@ -158,6 +166,14 @@ class OutputParser:
         return (THINK_OPEN, CALL_OPEN, FUNC_OPEN) if self.parse_tools else (THINK_OPEN,)
 
     def _on_text(self, deltas: list[Delta]) -> bool:
+        if self.bare_ok:
+            head = self.buf.lstrip()
+            if not head:
+                return False
+            if head.startswith("{"):
+                self.state = "bare"
+                return True
+            self.bare_ok = False
         i, m = _find_first(self.buf, self._markers())
         if i < 0:
             keep = _hold(self.buf, self._markers())
@@ -173,6 +189,34 @@ class OutputParser:
         else:
             self.state, self.wrapped = "xml_head", False
         return True
+
+    def _on_bare(self, deltas: list[Delta]) -> bool:
+        """Output that opens with `{"name": ...` (small Qwen2.5 models often drop the tags)."""
+        head = self.buf.lstrip()
+        rest = head[1:].lstrip()
+        if not (rest.startswith('"name"') or '"name"'.startswith(rest)):
+            self.state, self.bare_ok = "text", False
+            return True
+        try:
+            _, end = json.JSONDecoder().raw_decode(head)
+        except json.JSONDecodeError:
+            return False  # incomplete (or broken: finish() then gives it back as content)
+        if (parsed := self._bare_calls(head[:end])) is None:
+            self.state, self.bare_ok = "text", False
+            return True
+        self._emit_json_calls(deltas, parsed)
+        self.buf, self.state = head[end:], self._after_call()
+        return True
+
+    def _bare_calls(self, text: str) -> list[tuple[str, str]] | None:
+        """Stricter than inside tags: an offered tool's name and an "arguments" key, else it is data."""
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if not (isinstance(obj, dict) and obj.get("name") in self.schemas and "arguments" in obj):
+            return None
+        return _parse_json_calls(text)
 
     def _on_think(self, deltas: list[Delta]) -> bool:
         i = self.buf.find(THINK_CLOSE)
@@ -242,6 +286,7 @@ class OutputParser:
             self.strip_content = False
         if text:
             deltas.append(Delta("content", text))
+            self.bare_ok = self.bare_ok and not text.strip()
 
     def _start_call(self, deltas: list[Delta], name: str) -> ToolCall:
         call = ToolCall(new_call_id(), name)
@@ -260,12 +305,16 @@ class OutputParser:
     def _close_json_call(self, deltas: list[Delta], body: str, closed: bool) -> None:
         parsed = _parse_json_calls(body)
         if parsed is None:
+            self.bare_ok = False
             self._content(deltas, CALL_OPEN + body + (CALL_CLOSE if closed else ""))
         else:
-            for name, args in parsed[: None if self.parallel else 1]:
-                self._start_call(deltas, name)
-                self._args(deltas, args)
+            self._emit_json_calls(deltas, parsed)
         self.state = self._after_call() if parsed else "text"
+
+    def _emit_json_calls(self, deltas: list[Delta], parsed: list[tuple[str, str]]) -> None:
+        for name, args in parsed[: None if self.parallel else 1]:
+            self._start_call(deltas, name)
+            self._args(deltas, args)
 
     def _xml_params(self, deltas: list[Delta], buf: str, final: bool) -> str:
         """Emit every complete parameter in buf; return the unconsumed rest."""
