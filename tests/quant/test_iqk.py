@@ -49,12 +49,22 @@ RMSE_BOUND = {
     "iq6_k": 0.05,
     "iq3_k": 0.3,
     "iq2_k": 0.45,
+    "iq3_ks": 0.3,
 }
 ENCODERS = list(RMSE_BOUND)
+# 2-3 bit types whose grids have no zero value
+NO_ZERO_GRID = {"iq2_k", "iq3_k", "iq2_ks", "iq3_ks", "iq2_kl"}
 # type -> minimal fraction of blocks whose bytes equal the reference encoder's (reference algorithm
 # reproduced; the spec only sketches IQ4_KSS's pruning and gives no IQ3_K / IQ2_K algorithm, so
 # for those only the error bound is checked)
-BYTE_MATCH = {"iq4_ks": 0.99, "iq4_k": 0.99, "iq5_ks": 0.99, "iq5_k": 0.99, "iq6_k": 0.97}
+BYTE_MATCH = {
+    "iq4_ks": 0.99,
+    "iq4_k": 0.99,
+    "iq5_ks": 0.99,
+    "iq5_k": 0.99,
+    "iq6_k": 0.97,
+    "iq3_ks": 0.99,
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -307,9 +317,12 @@ def _check_roundtrip(type_name: str, x: np.ndarray, imat: np.ndarray | None, kin
         # carry up to ~0.1 of it where a parity fix must move one of them (IQ4_KSS)
         k = np.abs(x).argmax(-1)[:, None]
         peak_x, peak_y = np.take_along_axis(x, k, -1), np.take_along_axis(y, k, -1)
-        assert np.all(np.abs(peak_y - peak_x) <= 0.03 * np.abs(peak_x))
+        # with an imatrix, sigma2 = 2 mean(x^2) gives each block-mate ~9% of the peak's weight; on
+        # the zero-less 2-3 bit grids the best fit then gives up a few % of the peak
+        peak_tol = 0.08 if type_name in NO_ZERO_GRID else 0.03
+        assert np.all(np.abs(peak_y - peak_x) <= peak_tol * np.abs(peak_x))
         # 2-3 bit grids have no zero: the huge value's zero-weight block-mates land anywhere on it
-        assert np.all(err <= (1.5 if type_name in ("iq2_k", "iq3_k") else 0.5) * rms)
+        assert np.all(err <= (1.5 if type_name in NO_ZERO_GRID else 0.5) * rms)
     else:  # denormals: finite and no larger than the input's scale
         assert np.all(err <= 2 * rms + 1e-38)
 

@@ -141,6 +141,9 @@ class IQ3_KS(Codec):
         idx = _two_bit_planes(blocks[..., 6:70], 8) | (high << 2) | (8 * extra[..., 8:]).unsqueeze(-1)
         return dequant(f16_at(meta)[:, None, None], L, grids.IQ3NL_VALUES, idx).reshape(rows, -1)
 
+    def encode(self, x, imatrix=None):
+        return _encode_iq3ks(x, imatrix)
+
 
 @register
 class IQ2_KL(Codec):
@@ -326,3 +329,63 @@ def _pack_iq4kss(d_row, scale_bytes, idx):
     words = (j << 1) | ((scale_bytes.unsqueeze(-1) >> k) & 1)  # (rows, n_sub, 8)
     blocks = torch.stack([words & 0xFF, words >> 8], dim=-1).reshape(rows, -1).to(torch.uint8)
     return torch.cat([_f32_bytes(d_row), blocks], dim=-1)
+
+
+# --- fp16-row-scale types: IQ3_KS, IQ2_KS, IQ2_KL ------------------------------------------------
+
+
+def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """(rows,) float32 -> (rows, 2) uint8 (round to nearest even, as GGML_FP32_TO_FP16)."""
+    return d.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+def _u16_bytes(words: torch.Tensor) -> torch.Tensor:
+    """(...,) int -> (..., 2) little-endian bytes (int32)."""
+    return torch.stack([words & 0xFF, (words >> 8) & 0xFF], dim=-1)
+
+
+def _max_abs_signed(s: torch.Tensor) -> torch.Tensor:
+    """(rows, n) -> (rows,): the first entry of largest magnitude, with its sign."""
+    return s.gather(-1, s.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _pack_two_bit(idx: torch.Tensor) -> torch.Tensor:
+    """(rows, nb, 8, 32) 2-bit values -> (rows, nb, 64): qs[32*(i//4) + j] |= v[i, j] << 2*(i%4)."""
+    g = idx.reshape(*idx.shape[:2], 2, 4, 32)
+    sh = (2 * torch.arange(4, device=idx.device, dtype=torch.int32))[:, None]
+    return (g << sh).sum(-2).flatten(-2)
+
+
+def _safe_inv(v: torch.Tensor) -> torch.Tensor:
+    """1/v where v != 0, else 0."""
+    nz = v != 0
+    return torch.where(nz, 1 / torch.where(nz, v, torch.ones_like(v)), torch.zeros_like(v))
+
+
+def _encode_iq3ks(x, imatrix, ntry=5):
+    """quantize_row_iq3_ks_impl: 4.1-style search per 32-block (IQ3 grids, shifts), then 5-bit
+    scales L = nearest(scale / d) in [-16, 15] with d = -max_scale/16, indices, and a row refit."""
+    rows, n = x.shape
+    nb = n // QK_K
+    grid = grids.IQ3NL_VALUES
+    w = enc.importance(x.reshape(rows, nb, QK_K), imatrix, 32).reshape(rows, nb * 8, 32)
+    xb = x.reshape(rows, nb * 8, 32)
+    scale, shift = enc.search_scales(xb.reshape(-1, 32), w.reshape(-1, 32), grid, ntry)
+    scale, shift = scale.reshape(rows, -1), shift.reshape(rows, -1)
+    d = -_max_abs_signed(scale) / 16
+    lev = enc.rint(_safe_inv(d).unsqueeze(-1) * scale).clamp(-16, 15).to(torch.int32)
+    dl = d.unsqueeze(-1) * lev.to(torch.float32)
+    idx = enc.nearest_in_shifted(grid, shift, _safe_inv(dl).unsqueeze(-1) * xb)
+    q = grid.to(device=x.device, dtype=torch.float32)[idx] * lev.unsqueeze(-1).to(torch.float32)
+    A, B = enc.row_refit(w, q, xb, 0)
+    d = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d)
+    ok = (d != 0).unsqueeze(-1)  # d == 0: only the row scale and the shift bits are written
+    ul = torch.where(ok, lev + 16, torch.zeros_like(lev)).reshape(rows, nb, 8)
+    idx = torch.where(ok.unsqueeze(-1), idx & 7, torch.zeros_like(idx)).reshape(rows, nb, 8, 32)
+    i8 = torch.arange(8, device=x.device, dtype=torch.int32)
+    extra = (((ul >> 4) << i8) + (shift.reshape(rows, nb, 8) << (i8 + 8))).sum(-1)
+    scales = (ul[..., :4] & 15) | ((ul[..., 4:] & 15) << 4)
+    qs = _pack_two_bit(idx & 3)
+    qh = ((idx >> 2) << i8[:, None]).sum(-2)  # (rows, nb, 32)
+    blocks = torch.cat([_u16_bytes(extra), scales, qs, qh], dim=-1).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), blocks.reshape(rows, -1)], dim=-1)
