@@ -116,12 +116,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _quality_errors() -> tuple[type[BaseException], ...]:
+    from vramfit.convert.hf import ConvertError
     from vramfit.eval.perplexity import PerplexityError
     from vramfit.quant.imatrix import ImatrixError
     from vramfit.quant.pipeline import QuantizeError
     from vramfit.quant.recipes import RecipeError
 
-    return ImatrixError, RecipeError, QuantizeError, PerplexityError
+    return ImatrixError, RecipeError, QuantizeError, PerplexityError, ConvertError
 
 
 def main(argv: list[str] | None = None) -> int:
