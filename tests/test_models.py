@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import REFERENCE_MODELS, load_reference
+from vramfit.kernels import cpu as cpu_kernels
+from vramfit.kernels.dispatch import use_backend
 from vramfit.model.loader import load_model
 from vramfit.runtime.engine import Engine
 
@@ -18,13 +20,15 @@ def loaded(request, model_path):
 
 
 def test_logits_match_reference(loaded):
+    """The reference backend (float32 throughout) reproduces transformers' float32 logits."""
     name, model = loaded
     meta, ref = load_reference(name)
     engine = Engine(model)
     for text in meta["logits"]:
         ids = ref[f"{text}_ids"].tolist()
         assert len(ids) == meta["logits"][text]["n_tokens"]
-        logits = engine.logits_all(ids)
+        with use_backend("reference"):
+            logits = engine.logits_all(ids)
         top_ids = torch.from_numpy(ref[f"{text}_top_ids"]).long()
         got_top = torch.gather(logits, 1, top_ids).numpy()
         assert np.array_equal(logits.argmax(1).numpy(), ref[f"{text}_top_ids"][:, 0]), text
@@ -56,3 +60,26 @@ def test_prompt_prefix_is_reused(loaded):
     assert engine.tokens == a[:3] + [99, 98]
     again = engine.eval(a)  # recomputes from position 3 only, must give the same logits
     torch.testing.assert_close(again, first, atol=2e-4, rtol=1e-4)
+
+
+def test_fast_cpu_path_stays_close_to_reference(loaded):
+    """The fused kernels quantize activations to 8 bits (as llama.cpp does): logits move a little,
+    the ranking barely. Bounds: top-1 agrees on >= 90% of positions, the reference top-1 token stays
+    within the fast path's top 5, and logits differ by less than 1.0 (logit scale ~10-30)."""
+    assert cpu_kernels.available()  # this machine kind has AVX2; the fast path must be there
+    name, model = loaded
+    meta, ref = load_reference(name)
+    engine = Engine(model)
+    agree, total = 0, 0
+    for text in meta["logits"]:
+        ids = ref[f"{text}_ids"].tolist()
+        with use_backend("cpu"):
+            fast = engine.logits_all(ids)
+        top_ids = torch.from_numpy(ref[f"{text}_top_ids"]).long()
+        agree += int((fast.argmax(1) == top_ids[:, 0]).sum())
+        total += len(ids)
+        top5 = fast.topk(5, dim=1).indices
+        assert bool((top5 == top_ids[:, :1]).any(1).all()), text
+        got_top = torch.gather(fast, 1, top_ids).numpy()
+        assert np.abs(got_top - ref[f"{text}_top_logits"]).max() < 1.0, text
+    assert agree / total >= 0.9

@@ -1,14 +1,53 @@
 """The one place that picks how a quantized weight is multiplied.
 
-Today there is one path, the reference: the packed rows are decoded once with the codec's vectorised
-decode and kept as float32, then multiplied with torch. Fast fused kernels plug in here.
+Backends:
+- "reference": the packed rows are decoded once with the codec's vectorised decode, kept as float32
+  and multiplied with torch. It is exact (float32 throughout) and is the oracle for the others.
+- "cpu": the fused C kernels of `vramfit.kernels.cpu` (int8 activations x packed weights, never a
+  float copy of the weights), for the types they support; other types use the reference.
+"auto" (the default) picks "cpu" when the extension is built and the CPU has AVX2.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
+from vramfit.kernels import cpu as cpu_kernels
 from vramfit.quant import get_codec
+
+BACKENDS = ("auto", "reference", "cpu")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name == "cpu" and not cpu_kernels.available():
+        raise ValueError("the fast CPU kernels are not available on this machine (not built, or no AVX2)")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextmanager
+def use_backend(name: str):
+    old = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def _fast(w: QWeight, x: torch.Tensor) -> bool:
+    if _backend == "reference" or x.device.type != "cpu" or w._dense is not None:
+        return False
+    return cpu_kernels.available() and cpu_kernels.supports(w.gtype.name)
 
 
 class QWeight:
@@ -47,6 +86,10 @@ def linear(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None = None) -> tor
     """x (..., in_features) float32 -> (..., out_features)."""
     for observe in input_observers:
         observe(w, x)
+    if _fast(w, x):
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        y = cpu_kernels.qmatmul(flat, w.packed, w.gtype.name).view(*x.shape[:-1], w.shape[0])
+        return y if bias is None else y.add_(bias)
     y = x @ w.dense().T
     return y if bias is None else y + bias
 
