@@ -3,7 +3,7 @@
  *
  * The activations are quantized as for the tiled path, then their bytes are reordered to follow
  * each format's natural nibble order, so the weights need no shuffles:
- *   SPLIT16 (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL): per 4 blocks, weights 0..15 of each block, then 16..31;
+ *   SPLIT16 (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, IQ4_KS): per 4 blocks, weights 0..15 of each block, then 16..31;
  *   Q4K (Q4_K, Q5_K): per 256, the 32-blocks in the order 0 2 1 3 4 6 5 7;
  *   NATURAL (Q8_0, Q6_K).
  * Scales are handled 4 blocks (legacy) or one super-block (K-quants) at a time in vector registers.
@@ -14,6 +14,7 @@ enum { ORD_NATURAL = 0, ORD_SPLIT16 = 1, ORD_Q4K = 2 };
 static int fused_order(int type) {
     switch (type) {
     case QG_Q4_0: case QG_Q4_1: case QG_Q5_0: case QG_Q5_1: case QG_IQ4_NL: return ORD_SPLIT16;
+    case QG_IQ4_XS: case QG_IQ4_KS: return ORD_SPLIT16;
     case QG_Q4_K: case QG_Q5_K: return ORD_Q4K;
     case QG_Q8_0: case QG_Q6_K: return ORD_NATURAL;
     default: return -1;
@@ -276,6 +277,64 @@ static inline __attribute__((always_inline)) void dec_kquant(int type, const uin
     for (int j = 0; j < NY; j++) out[j * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j], cacc[j]));
 }
 
+/* IQ4_XS / IQ4_KS: super-blocks of 8 blocks of 32 with the legacy nibble order, non-linear grid */
+static inline __attribute__((always_inline)) void dec_iq4(int type, const uint8_t *row, int64_t nsb, const fact *A,
+                                                          const int NY, float *out, int64_t ldo) {
+    const __m512i m15 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    const __m512i lut0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)kv_iq4k_128));
+    const __m512i lut1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(kv_iq4k_128 + 16)));
+    __m512 acc[NYMAX];
+    __m128 cacc[NYMAX];
+    for (int j = 0; j < NY; j++) {
+        acc[j] = _mm512_setzero_ps();
+        cacc[j] = _mm_setzero_ps();
+    }
+    const float d_row = type == QG_IQ4_KS ? f32at(row) : 0.0f;
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *p = type == QG_IQ4_KS ? row + 4 + 136 * b : row + 136 * b;
+        int32_t L[8];
+        unsigned shift = 0;
+        float d;
+        if (type == QG_IQ4_KS) {
+            d = d_row;
+            for (int ib = 0; ib < 8; ib++) {
+                L[ib] = (p[ib] & 0xFE) - 127;
+                shift |= (unsigned)(p[ib] & 1) << ib;
+            }
+        } else {
+            d = h2f(p);
+            uint16_t sh;
+            memcpy(&sh, p + 2, 2);
+            for (int ib = 0; ib < 8; ib++)
+                L[ib] = (((p[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
+        }
+        const __m256 dl8 = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)L)));
+        for (int h = 0; h < 2; h++) {
+            const __m512i v = _mm512_loadu_si512(p + 8 + 64 * h);
+            /* the grid of each 128-bit lane (one 32-block) follows its shift bit */
+            const __mmask16 km = (__mmask16)(_pdep_u32((shift >> (4 * h)) & 15, 0x1111) * 15);
+            const __m512i lut = _mm512_mask_blend_epi32(km, lut0, lut1);
+            const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, m15));
+            const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), m15));
+            const __m128 dl4 = h ? _mm256_extractf128_ps(dl8, 1) : _mm256_castps256_ps128(dl8);
+            const __m128 m4 = _mm_mul_ps(dl4, _mm_set1_ps(-128.0f));
+            const int64_t g = 8 * b + 4 * h;
+            for (int j = 0; j < NY; j++) {
+                const __m512i x0 = _mm512_loadu_si512(A[j].q + 32 * g), x1 = _mm512_loadu_si512(A[j].q + 32 * g + 64);
+                const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, x0), hi, x1);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), lanes_of4(_mm_mul_ps(dl4, _mm_loadu_ps(A[j].dx + g))),
+                                         acc[j]);
+                cacc[j] = _mm_fmadd_ps(m4, _mm_loadu_ps(A[j].s32 + g), cacc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < NY; j++) {
+        __m128 c = _mm_add_ps(cacc[j], _mm_movehl_ps(cacc[j], cacc[j]));
+        c = _mm_add_ss(c, _mm_movehdup_ps(c));
+        out[j * ldo] = _mm512_reduce_add_ps(acc[j]) + _mm_cvtss_f32(c);
+    }
+}
+
 typedef void (*dec_fn)(const uint8_t *row, int64_t nblocks, const fact *A, float *out, int64_t ldo);
 
 #define DDEF(T, KIND, ny) \
@@ -292,12 +351,15 @@ DDEF4(Q8_0, legacy)
 DDEF4(Q4_K, kquant)
 DDEF4(Q5_K, kquant)
 DDEF4(Q6_K, kquant)
+DDEF4(IQ4_XS, iq4)
+DDEF4(IQ4_KS, iq4)
 #define DROW(T) {dec_##T##_1, dec_##T##_2, dec_##T##_3, dec_##T##_4}
 
 static const dec_fn *pick_dec(int type) {
     static const dec_fn q4_0[4] = DROW(Q4_0), q4_1[4] = DROW(Q4_1), q5_0[4] = DROW(Q5_0), q5_1[4] = DROW(Q5_1),
                         iq4_nl[4] = DROW(IQ4_NL), q8_0[4] = DROW(Q8_0), q4_K[4] = DROW(Q4_K),
-                        q5_K[4] = DROW(Q5_K), q6_K[4] = DROW(Q6_K);
+                        q5_K[4] = DROW(Q5_K), q6_K[4] = DROW(Q6_K), iq4_xs[4] = DROW(IQ4_XS),
+                        iq4_ks[4] = DROW(IQ4_KS);
     switch (type) {
     case QG_Q4_0: return q4_0;
     case QG_Q4_1: return q4_1;
@@ -308,6 +370,8 @@ static const dec_fn *pick_dec(int type) {
     case QG_Q4_K: return q4_K;
     case QG_Q5_K: return q5_K;
     case QG_Q6_K: return q6_K;
+    case QG_IQ4_XS: return iq4_xs;
+    case QG_IQ4_KS: return iq4_ks;
     default: return 0;
     }
 }

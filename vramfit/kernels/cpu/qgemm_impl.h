@@ -117,22 +117,15 @@ typedef struct {
     const layout *L;
 } kargs;
 
+#if QG_W == 256
 static inline __attribute__((always_inline)) float corr_dot(const float *mw, const float *xs, int64_t G,
                                                             const float *dwl) {
-    /* sum_g mw[g] * xs[g]  (AVX2: codes are biased by 128 inside the kernel, so mw + 128 * dw) */
+    /* sum_g mw[g] * xs[g]; the AVX2 kernel biases codes by 128, so it adds 128 * dw per group */
     float s = 0.0f;
-#if QG_W == 512
-    (void)dwl;
-    __m512 acc = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(mw + g), _mm512_loadu_ps(xs + g), acc);
-    s = _mm512_reduce_add_ps(acc);
-    for (; g < G; g++) s += mw[g] * xs[g];
-#else
     for (int64_t g = 0; g < G; g++) s += (mw[g] + 128.0f * dwl[4 * g]) * xs[g];
-#endif
     return s;
 }
+#endif
 
 #if QG_W == 512
 static inline __attribute__((always_inline)) float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -196,12 +189,27 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
     }
 #endif
     const int64_t sm = ka->L->sm;
+#if QG_W == 512
+    /* group offsets: sum_g mw[g] * xs[g], folded into the same accumulators */
+    for (int64_t g = 0; g < K / 16; g += 16) {
+        const __mmask16 mg = K / 16 - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K / 16 - g)) - 1);
+        __m512 mwv[NWMAX];
+        for (int r = 0; r < NW; r++) mwv[r] = _mm512_maskz_loadu_ps(mg, (const float *)(ka->w[r] + sm) + g);
+        for (int j = 0; j < NY; j++) {
+            const __m512 xsv = _mm512_maskz_loadu_ps(mg, (const float *)(ka->x[j] + sm) + g);
+            for (int r = 0; r < NW; r++) acc[r][j] = _mm512_fmadd_ps(mwv[r], xsv, acc[r][j]);
+        }
+    }
+    for (int r = 0; r < NW; r++)
+        for (int j = 0; j < NY; j++) ka->out[j * ka->ldo + r] = hsum(acc[r][j]);
+#else
     for (int r = 0; r < NW; r++)
         for (int j = 0; j < NY; j++) {
             float c = corr_dot((const float *)(ka->w[r] + sm), (const float *)(ka->x[j] + sm), K / 16,
                                (const float *)(ka->w[r] + dl));
             ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + c;
         }
+#endif
 }
 
 typedef void (*kern_fn)(const kargs *);
@@ -249,7 +257,7 @@ static int fused_matmul(const qg_args *a, int nth) {
     dplan p;
     p.a = a;
     p.dec = pick_dec(a->type);
-    p.nblocks = a->type == QG_Q4_K || a->type == QG_Q5_K || a->type == QG_Q6_K ? K / 256 : K / 32;
+    p.nblocks = qg_row_nbytes(a->type, 32) ? K / 32 : K / 256; /* legacy: 32-blocks; else super-blocks */
     p.ntiles = (a->N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     for (int64_t j = 0; j < n; j++) {
         quantize_row(a->x + j * K, K, act + j * L.stride, &L);
