@@ -191,6 +191,16 @@ class GGUFFile:
         row = t.type.row_nbytes(t.shape[-1]) if t.shape else t.nbytes
         return arr.reshape(-1, row)
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process's memory (they are re-read from disk if touched
+        again). For tensors whose bytes were copied elsewhere, e.g. stacked with their neighbours."""
+        t = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = self.data_offset + t.offset
+        lo, hi = -(-start // page) * page, (start + t.nbytes) // page * page
+        if hi > lo:
+            self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def close(self) -> None:
         try:
             self._buf.release()

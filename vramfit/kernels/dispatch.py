@@ -130,6 +130,10 @@ class FusedLinear:
             self.groups.append((concat_rows(ws), bias, [w.shape[0] for w in ws]))
             i = j
 
+    def copied(self) -> list[str]:
+        """Names of the GGUF tensors whose bytes now live in a stacked copy."""
+        return [n for w, _, sizes in self.groups if len(sizes) > 1 for n in w.name.split("+")]
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs: list[torch.Tensor] = []
         for w, bias, sizes in self.groups:

@@ -143,10 +143,14 @@ class LlamaModel:
         except TypeError:
             missing = [names[f] for f in Block.__dataclass_fields__ if f not in fields]
             raise src.error(f"missing tensor {missing[0]}") from None
+        copied = []
         if self.cfg.rope.style == "neox":
             self._pair_rotary_dims(blk)
+            copied += [blk.wq.name, blk.wk.name]
         blk.qkv = FusedLinear([blk.wq, blk.wk, blk.wv], [blk.bq, blk.bk, blk.bv])
         blk.gate_up = FusedLinear([blk.w_gate, blk.w_up], [None, None])
+        # the permuted / stacked copies replace the mapped originals: drop those pages
+        src.release(copied + blk.qkv.copied() + blk.gate_up.copied())
         return blk
 
     def _pair_rotary_dims(self, blk: Block) -> None:

@@ -64,6 +64,10 @@ class WeightSource:
             raise self.error(f"missing tensor {name}")
         return self.gguf.tensors[name]
 
+    def release(self, names: list[str]) -> None:
+        for name in names:
+            self.gguf.release(name)
+
     def is_vector(self, name: str) -> bool:
         return len(self._info(name).shape) == 1
 
