@@ -50,6 +50,7 @@ RMSE_BOUND = {
     "iq3_k": 0.3,
     "iq2_k": 0.45,
     "iq3_ks": 0.3,
+    "iq2_kl": 0.4,
 }
 ENCODERS = list(RMSE_BOUND)
 # 2-3 bit types whose grids have no zero value
@@ -64,6 +65,7 @@ BYTE_MATCH = {
     "iq5_k": 0.99,
     "iq6_k": 0.97,
     "iq3_ks": 0.99,
+    "iq2_kl": 0.99,
 }
 
 
@@ -311,15 +313,17 @@ def _check_roundtrip(type_name: str, x: np.ndarray, imat: np.ndarray | None, kin
     elif kind == "gauss":
         assert np.all(err <= RMSE_BOUND[type_name] * rms)
     elif kind == "constant":
-        assert np.all(err <= 0.25 * rms)
+        # IQ2_KL's pair codebook has few equal-value pairs and the reference scale search never
+        # aims a block at them: constant blocks land on unequal neighbouring pairs
+        assert np.all(err <= (0.3 if type_name == "iq2_kl" else 0.25) * rms)
     elif kind == "huge":
         # the outlier itself survives (IQ4_KSS's 1.01 scale fudge included); its block-mates may
         # carry up to ~0.1 of it where a parity fix must move one of them (IQ4_KSS)
         k = np.abs(x).argmax(-1)[:, None]
         peak_x, peak_y = np.take_along_axis(x, k, -1), np.take_along_axis(y, k, -1)
         # with an imatrix, sigma2 = 2 mean(x^2) gives each block-mate ~9% of the peak's weight; on
-        # the zero-less 2-3 bit grids the best fit then gives up a few % of the peak
-        peak_tol = 0.08 if type_name in NO_ZERO_GRID else 0.03
+        # the zero-less 2-3 bit grids the best fit then gives up up to ~10% of the peak
+        peak_tol = 0.12 if type_name in NO_ZERO_GRID else 0.03
         assert np.all(np.abs(peak_y - peak_x) <= peak_tol * np.abs(peak_x))
         # 2-3 bit grids have no zero: the huge value's zero-weight block-mates land anywhere on it
         assert np.all(err <= (1.5 if type_name in NO_ZERO_GRID else 0.5) * rms)

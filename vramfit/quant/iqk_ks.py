@@ -164,6 +164,9 @@ class IQ2_KL(Codec):
         dl = f16_at(meta)[:, None, None] * L.to(torch.float32)
         return (dl.unsqueeze(-1) * values).reshape(rows, -1)
 
+    def encode(self, x, imatrix=None):
+        return _encode_iq2kl(x, imatrix)
+
 
 def _encode_odd_scales(x, imatrix, grid, ntry, pair):
     """Sections 4.1 / 4.3: two-pass search for the f32-row-scale types with odd 7-bit block scales.
@@ -389,3 +392,178 @@ def _encode_iq3ks(x, imatrix, ntry=5):
     qh = ((idx >> 2) << i8[:, None]).sum(-2)  # (rows, nb, 32)
     blocks = torch.cat([_u16_bytes(extra), scales, qs, qh], dim=-1).to(torch.uint8)
     return torch.cat([_f16_bytes(d), blocks.reshape(rows, -1)], dim=-1)
+
+
+def _sigma_weights(xs: torch.Tensor, imatrix, factor: float, plain) -> torch.Tensor:
+    """Error weights of the fp16-row-scale types. xs (rows, nb, 256) -> (rows, nb, 256).
+
+    With an imatrix (32-column QHelper blocks, as enc.importance): imatrix_j * sqrt(sigma2 + x_j^2)
+    with sigma2 = factor * mean(x^2) over the super-block; without: plain(x, sigma2).
+    """
+    sumx2 = torch.zeros(xs.shape[:-1], dtype=torch.float32, device=xs.device)
+    for j in range(QK_K):  # sequential, as the reference accumulates
+        sumx2 = sumx2 + xs[..., j] * xs[..., j]
+    sigma2 = (sumx2 * (factor / QK_K)).unsqueeze(-1).expand_as(xs)
+    if imatrix is None:
+        return plain(xs, sigma2)
+    imat = imatrix.to(device=xs.device, dtype=torch.float32).reshape(1, xs.shape[1], QK_K).expand_as(xs)
+    return enc._qhelper(imat, xs, 32) * torch.sqrt(enc.fma(xs, xs, sigma2))
+
+
+def _pair_terms(a1, b1, c1, a2, b2, c2):
+    """a1*b1*c1 + a2*b2*c2 as the reference build contracts `w1*q1*x1 + w2*q2*x2`:
+    fma(w1*q1, x1, (w2*q2)*x2)."""
+    return enc.fma(a1 * b1, c1, (a2 * b2) * c2)
+
+
+def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
+    """Sequential float32 sum over the last dim."""
+    total = torch.zeros(terms.shape[:-1], dtype=torch.float32, device=terms.device)
+    for j in range(terms.shape[-1]):
+        total = total + terms[..., j]
+    return total
+
+
+# --- IQ2_KL: 2-D codebook of 32 value pairs drawn from the 8 base IQ3 values ---------------------
+
+# Neighbour lists (ik_llama.cpp quantize_row_iq2_kl_impl, k_neighbours): for the m-th (in row-major
+# order of (l1, l2)) pair of base IQ3 indices that is not in the codebook, the 8 codebook entries
+# searched for the nearest one under the weighted distance.
+_IQ2KL_NEIGHBOURS = [
+    [2, 0, 6, 11, 7, 3, 8, 15], [0, 2, 3, 6, 7, 1, 8, 4], [0, 1, 3, 4, 8, 7, 9, 6],
+    [1, 0, 3, 4, 8, 9, 7, 10], [1, 4, 5, 10, 9, 3, 8, 0], [5, 1, 4, 10, 9, 14, 8, 3],
+    [6, 2, 7, 0, 3, 11, 8, 15], [3, 7, 0, 6, 8, 4, 12, 9], [3, 4, 8, 9, 1, 7, 12, 10],
+    [4, 10, 5, 9, 1, 8, 13, 14], [11, 2, 6, 7, 20, 15, 25, 21], [8, 7, 3, 12, 9, 16, 17, 13],
+    [14, 5, 10, 19, 9, 13, 4, 18], [6, 15, 7, 11, 20, 21, 16, 2], [15, 7, 16, 6, 21, 12, 17, 22],
+    [12, 16, 17, 8, 15, 7, 13, 22], [19, 10, 13, 18, 14, 9, 12, 24], [11, 20, 25, 6, 15, 2, 21, 7],
+    [20, 15, 21, 6, 11, 7, 16, 26], [14, 19, 29, 10, 28, 18, 13, 24], [25, 11, 20, 21, 15, 6, 26, 30],
+    [19, 24, 28, 18, 29, 23, 13, 17], [29, 19, 14, 28, 24, 18, 10, 13], [20, 26, 21, 25, 30, 15, 22, 16],
+    [27, 26, 22, 23, 21, 30, 16, 24], [27, 24, 28, 31, 23, 18, 22, 17], [25, 30, 20, 26, 21, 11, 15, 22],
+    [30, 26, 25, 20, 21, 27, 22, 15], [30, 27, 31, 26, 22, 23, 21, 24], [31, 27, 30, 26, 28, 23, 22, 24],
+    [31, 28, 29, 27, 24, 23, 19, 18], [29, 28, 31, 24, 19, 27, 14, 18],
+]  # fmt: skip
+IQ2KL_NTRY = 5
+IQ2KL_SIGMA = 2.25
+IQ2KL_FUDGE = 1.025
+
+
+def _iq2kl_tables(device):
+    """-> (candidate codebook entries (64, 8) per (l1, l2) = 8*l1 + l2, pair values (32, 2) float32).
+
+    A pair in the codebook has itself as its only candidate (repeated); any other pair has its
+    8 neighbours, searched in order.
+    """
+    base = grids.IQ3NL_VALUES[:8].tolist()
+    pairs = grids.IQ2KL_PAIRS.tolist()
+    cand, m = [], 0
+    for j in range(64):
+        p = [base[j // 8], base[j % 8]]
+        if p in pairs:
+            cand.append([pairs.index(p)] * 8)
+        else:
+            cand.append(_IQ2KL_NEIGHBOURS[m])
+            m += 1
+    return (
+        torch.tensor(cand, dtype=torch.int64, device=device),
+        grids.IQ2KL_PAIRS.to(device=device, dtype=torch.float32),
+    )
+
+
+def _iq2kl_index(tables, id_, x1, x2, w1, w2):
+    """Codebook index for the weight pairs (x1, x2) scaled by id_ (broadcastable): each coordinate
+    goes to its nearest base IQ3 value; if that pair is not in the codebook, the neighbour with the
+    smallest w1*(g1 - s1)^2 + w2*(g2 - s2)^2 wins (first of equals)."""
+    cand, pv = tables
+    base = grids.IQ3NL_VALUES[:8].to(device=x1.device, dtype=torch.float32)
+    s1, s2 = id_ * x1, id_ * x2
+    nb = cand[8 * enc.nearest_index(base, s1) + enc.nearest_index(base, s2)]  # (..., 8)
+    d1 = pv[nb, 0] - s1.unsqueeze(-1)
+    d2 = pv[nb, 1] - s2.unsqueeze(-1)
+    score = enc.fma(w1.unsqueeze(-1) * d1, d1, (w2.unsqueeze(-1) * d2) * d2)
+    return nb.gather(-1, score.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+def _iq2kl_block_scales(xb, wb, tables):
+    """Pass 1 for 32-blocks xb, wb (N, 32) -> best signed float scale (N,); 0 for all-zero blocks."""
+    _, pv = tables
+    amax, m = enc.block_max(xb)
+    safe_m = torch.where(amax < 1e-16, torch.ones_like(m), m)
+    v0 = float(grids.IQ3NL_VALUES[0])
+    ids = [1 / (-safe_m / v0)] + [(t + v0) / safe_m for t in range(-IQ2KL_NTRY, IQ2KL_NTRY + 1)]
+    inv = torch.stack([s * i for i in ids for s in (1.0, -1.0)], dim=-1)  # (N, C): p, m per try
+    x1, x2 = xb[:, None, 0::2], xb[:, None, 1::2]
+    w1, w2 = wb[:, None, 0::2], wb[:, None, 1::2]
+    idx = _iq2kl_index(tables, inv.unsqueeze(-1), x1, x2, w1, w2)  # (N, C, 16)
+    q1, q2 = pv[idx, 0], pv[idx, 1]
+    sumqx = _seq_sum(_pair_terms(w1, q1, x1, w2, q2, x2))
+    sumq2 = _seq_sum(_pair_terms(w1, q1, q1, w2, q2, q2))
+    scale = torch.zeros_like(amax)
+    best = torch.zeros_like(amax)
+    for c in range(inv.shape[-1]):
+        sqx, sq2 = sumqx[:, c], sumq2[:, c]
+        ok = (sq2 > 0) if c == 0 else (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = sqx / torch.where(sq2 > 0, sq2, torch.ones_like(sq2))
+        scale = torch.where(ok, d, scale)
+        best = torch.where(ok, d * sqx, best)
+    return torch.where(amax < 1e-16, torch.zeros_like(scale), scale)
+
+
+def _encode_iq2kl(x, imatrix):
+    """quantize_row_iq2_kl_impl: per-32 scale search over the pair codebook, 6-bit scales
+    (nearest of L-1, L, L+1 by weighted error) with d = -max_scale/32, indices, row refit * 1.025."""
+    rows, n = x.shape
+    nb = n // QK_K
+    dev = x.device
+    tables = _iq2kl_tables(dev)
+    _, pv = tables
+    w = _sigma_weights(x.reshape(rows, nb, QK_K), imatrix, IQ2KL_SIGMA, lambda xs, s2: xs.abs())
+    w = w.reshape(rows, nb * 8, 32)
+    xb = x.reshape(rows, nb * 8, 32)
+    xf, wf = xb.reshape(-1, 32), w.reshape(-1, 32)
+    per_chunk = max(1, enc.CHUNK // (32 * 8 * (4 * IQ2KL_NTRY + 6)))
+    scale = torch.cat(
+        [
+            _iq2kl_block_scales(xf[i : i + per_chunk], wf[i : i + per_chunk], tables)
+            for i in range(0, xf.shape[0], per_chunk)
+        ]
+    ).reshape(rows, -1)
+    max_scale = _max_abs_signed(scale)
+    d = -max_scale / 32
+    ls = enc.rint(_safe_inv(d).unsqueeze(-1) * scale).clamp(-32, 31)
+    x1, x2, w1, w2 = xb[..., 0::2], xb[..., 1::2], w[..., 0::2], w[..., 1::2]
+    best_ls = ls
+    best_score = torch.full_like(ls, torch.finfo(torch.float32).max)
+    for off in (-1.0, 0.0, 1.0):  # candidates L-1, L, L+1 inside [-32, 31]; the first lowest wins
+        cl = ls + off
+        dl = d.unsqueeze(-1) * cl
+        idx = _iq2kl_index(tables, _safe_inv(dl).unsqueeze(-1), x1, x2, w1, w2)
+        e1 = enc.fma(dl.unsqueeze(-1), pv[idx, 0], -x1)
+        e2 = enc.fma(dl.unsqueeze(-1), pv[idx, 1], -x2)
+        score = _seq_sum(_pair_terms(w1, e1, e1, w2, e2, e2))
+        better = (cl >= -32) & (cl <= 31) & (score < best_score)
+        best_ls, best_score = torch.where(better, cl, best_ls), torch.where(better, score, best_score)
+    ls = best_ls
+    dl = d.unsqueeze(-1) * ls
+    idx = _iq2kl_index(tables, _safe_inv(dl).unsqueeze(-1), x1, x2, w1, w2)
+    used = (ls != 0).unsqueeze(-1)  # sub-blocks with L = 0 keep zero indices and add nothing
+    idx = torch.where(used, idx, torch.zeros_like(idx))
+    q1, q2 = ls.unsqueeze(-1) * pv[idx, 0], ls.unsqueeze(-1) * pv[idx, 1]
+    wz1, wz2 = torch.where(used, w1, torch.zeros_like(w1)), torch.where(used, w2, torch.zeros_like(w2))
+    A = _seq_sum(_pair_terms(wz1, q1, x1, wz2, q2, x2).flatten(1))
+    B = _seq_sum(_pair_terms(wz1, q1, q1, wz2, q2, q2).flatten(1))
+    d = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d) * IQ2KL_FUDGE
+    ok = (max_scale != 0).unsqueeze(-1)  # an all-zero row is written as zeros
+    uls = torch.where(ok, ls.to(torch.int32) + 32, torch.zeros_like(ls, dtype=torch.int32)).reshape(
+        rows, nb, 8
+    )
+    idx = torch.where(ok.unsqueeze(-1), idx, torch.zeros_like(idx)).to(torch.int32).reshape(rows, nb, 8, 16)
+    i8 = torch.arange(8, device=dev, dtype=torch.int32)
+    scales_h = ((uls >> 4) << (2 * i8)).sum(-1)
+    scales_l = (uls[..., :4] & 15) | ((uls[..., 4:] & 15) << 4)
+    lo = (idx & 15).reshape(rows, nb, 4, 2, 16)
+    qs = (lo[..., 0, :] | (lo[..., 1, :] << 4)).flatten(-2)  # qs[16*(ib//2) + j]
+    qh = ((idx >> 4) << i8[:, None]).sum(-2)  # (rows, nb, 16)
+    blocks = torch.cat([_u16_bytes(scales_h), scales_l, qs, qh], dim=-1).to(torch.uint8)
+    return torch.cat(
+        [_f16_bytes(torch.where(ok.squeeze(-1), d, torch.zeros_like(d))), blocks.reshape(rows, -1)], dim=-1
+    )
