@@ -219,6 +219,20 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (b << shifts).sum(dim=-1, dtype=torch.uint8)
 
 
+def fmaf(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 a*b + c with one rounding, as a contracted C expression compiles to (exact product in float64).
+
+    The reference build contracts a multiply-add written as one C expression (clang's
+    -ffp-contract=on), never across statements.
+    """
+    return (a.double() * b.double() + c.double()).float()
+
+
+def sqrt_f32(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt (C `sqrtf`); torch's vectorised CPU float32 sqrt is not always."""
+    return v.double().sqrt().float()
+
+
 def importance(x: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
     """ggml's legacy-type weights: qw * sqrt(sigma2 + x^2), sigma2 = mean(x^2) over the row.
 
@@ -227,7 +241,7 @@ def importance(x: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(x.shape[0], -1)
     sigma2 = seq_dot(flat, flat) / flat.shape[-1]  # (rows,)
     qw = imatrix.reshape(x.shape[1:])
-    return qw * torch.sqrt(sigma2.view(-1, 1, 1) + x * x)
+    return qw * sqrt_f32(sigma2.view(-1, 1, 1) + x * x)
 
 
 def make_qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +305,13 @@ def make_qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
 
 
 def make_qkx3_quants(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -0.9, rdelta: float = 0.05, nstep: int = 36
+    x: torch.Tensor,
+    w: torch.Tensor,
+    nmax: int,
+    rmin: float = -0.9,
+    rdelta: float = 0.05,
+    nstep: int = 36,
+    track_min: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ik_llama.cpp `make_qkx3_quants` (squared error): affine fit y = scale*L + min, min <= 0.
 
@@ -306,8 +326,10 @@ def make_qkx3_quants(
     wd, xd = w.double(), x.double()
     sum_w, sum_x, sum_x2 = seq_dot(wd, torch.ones_like(wd)), seq_dot(wd, xd), seq_dot(wd * xd, xd)
 
-    def levels(iscale):
-        return torch.clamp(torch.round(iscale.unsqueeze(-1) * (x - mn.unsqueeze(-1))), 0, nmax)
+    mn0 = mn
+
+    def levels(iscale, base):
+        return torch.clamp(torch.round(iscale.unsqueeze(-1) * (x - base.unsqueeze(-1))), 0, nmax)
 
     def sums(lq):
         ld = lq.double()
@@ -326,12 +348,14 @@ def make_qkx3_quants(
 
     iscale = nmax / span
     scale = 1 / iscale
-    L = levels(iscale)
+    L = levels(iscale, mn)
     diff = scale.double().unsqueeze(-1) * L.double() + mn.double().unsqueeze(-1) - xd
     best_mad = seq_dot(wd, diff * diff)
     r0, r1 = torch.tensor(rmin, dtype=torch.float32), torch.tensor(rdelta, dtype=torch.float32)
     for step in range(nstep + 1):
-        lq = levels((r0 + r1 * step + nmax) / span)
+        # ggml moves the offset (and the span) with the best fit so far; track_min=False keeps the first
+        base = mn if track_min else mn0
+        lq = levels((fmaf(r1, torch.tensor(float(step)), r0) + nmax) / (mx - base), base)
         s_l, s_l2, s_xl = sums(lq)
         ok, sc, m = fit(s_l, s_l2, s_xl)
         mad = sum_x2 - 2 * sc * s_xl - 2 * m * sum_x + 2 * sc * m * s_l + sc * sc * s_l2 + m * m * sum_w
@@ -452,11 +476,44 @@ def _affine_encode(x: torch.Tensor, imatrix: torch.Tensor | None, nlev: int) -> 
     if imatrix is None:
         d, m, q = _affine_ref(xb, nlev)
     else:
-        d, the_min, q = make_qkx3_quants(xb, importance(xb, imatrix), nlev - 1)
-        m = -the_min
+        # ggml's search, and the same search with the offset held fixed: keep the better block
+        w = importance(xb, imatrix)
+        fits = [make_qkx3_quants(xb, w, nlev - 1, track_min=t) for t in (True, False)]
+        d, m, q = _best_affine(xb, w, [(d, -mn, q) for d, mn, q in fits])
     if nlev == 16:
         return _assemble(half_bytes(d), half_bytes(m), pack_nibbles(q))
     return _assemble(half_bytes(d), half_bytes(m), pack_bits(q >> 4), pack_nibbles(q & 15))
+
+
+def _best_affine(xb, w, cands):
+    """Per block, the (d, m, q) candidate whose fp16-rounded reconstruction d*q + m has the least
+    w-weighted squared error (the first on ties)."""
+    best = None
+    for d, m, q in cands:
+        y = d.half().float().unsqueeze(-1) * q.float() + m.half().float().unsqueeze(-1)
+        err = ((y - xb).double() ** 2 * w.double()).sum(-1)
+        if best is None:
+            best = (err, d, m, q)
+            continue
+        take = err < best[0]
+        best = (
+            torch.where(take, err, best[0]),
+            torch.where(take, d, best[1]),
+            torch.where(take, m, best[2]),
+            torch.where(take.unsqueeze(-1), q, best[3]),
+        )
+    return best[1], best[2], best[3]
+
+
+def _q6_0_encode(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """ik_llama.cpp quantize_q6_0: make_qx_quants(nmax=32) with weights x^2, or the legacy imatrix weights."""
+    xb = _split(x)
+    w = xb * xb if imatrix is None else importance(xb, imatrix)
+    d, q = make_qx_quants(xb, w, 32)  # q in 0..63
+    # qh[j%8] gets (q[j]>>4 | (q[j+16]>>4)<<2) << 4*(j//8) for j < 16
+    h = (q[..., :16] >> 4) | ((q[..., 16:] >> 4) << 2)  # (rows, nb, 16)
+    qh = h[..., :8] | (h[..., 8:] << 4)
+    return _assemble(half_bytes(d), qh, pack_nibbles(q & 15))
 
 
 def iq4_block_fit(xb: torch.Tensor, w: torch.Tensor, ntry: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -529,7 +586,7 @@ def _iq4_nl_encode(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tenso
         w = xb * xb
     else:  # sigma2 = 2 * mean(x^2) over the (32-weight) super-block
         sigma2 = seq_dot(xb, xb) * (2.0 / QK)
-        w = imatrix.reshape(xb.shape[1:]) * torch.sqrt(sigma2.unsqueeze(-1) + xb * xb)
+        w = imatrix.reshape(xb.shape[1:]) * sqrt_f32(sigma2.unsqueeze(-1) + xb * xb)
     d, _ = iq4_block_fit(xb, w)
     grid = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=xb.device)
     inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
@@ -542,4 +599,5 @@ Q4_0.encode = lambda self, x, imatrix=None: _q4_0_encode(x, imatrix)  # noqa: E7
 Q5_0.encode = lambda self, x, imatrix=None: _q5_0_encode(x, imatrix)  # noqa: E731
 Q4_1.encode = lambda self, x, imatrix=None: _affine_encode(x, imatrix, 16)  # noqa: E731
 Q5_1.encode = lambda self, x, imatrix=None: _affine_encode(x, imatrix, 32)  # noqa: E731
+Q6_0.encode = lambda self, x, imatrix=None: _q6_0_encode(x, imatrix)  # noqa: E731
 IQ4_NL.encode = lambda self, x, imatrix=None: _iq4_nl_encode(x, imatrix)  # noqa: E731
