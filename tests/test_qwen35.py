@@ -154,6 +154,15 @@ CASES = {
 }  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes: a second intra-op thread only adds waits (10x slower on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request, tmp_path_factory):
     model = tiny(**CASES[request.param])
@@ -161,6 +170,15 @@ def pair(request, tmp_path_factory):
     write_gguf(model, path)
     ours, _ = load_model(path, n_ctx=512)
     return model, ours
+
+
+@pytest.fixture(scope="module")
+def reference(pair):
+    """350 token ids and transformers' float32 logits for them (one forward, shared by tests)."""
+    model, _ = pair
+    ids = _ids(350, seed=2)
+    with torch.no_grad():
+        return ids, model(torch.tensor([ids])).logits[0].numpy()
 
 
 def _ids(n: int, seed: int = 1) -> list[int]:
@@ -191,13 +209,23 @@ def test_config_from_metadata(pair):
     assert kinds == hf.layer_types
 
 
-def test_logits_match_transformers(pair):
-    model, ours = pair
-    ids = _ids(150)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
+def test_logits_match_transformers(pair, reference):
+    _, ours = pair
+    ids, want = reference
     got = Engine(ours, prefill_chunk=97).logits_all(ids).numpy()  # chunks of 97: 64 + 33 inside
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_then_decode_equals_full_forward(pair, reference):
+    """A 300-token prompt, then 50 decode steps, against one full forward of the 350 tokens."""
+    _, ours = pair
+    ids, want = reference
+    cache = ours.new_cache()
+    with torch.no_grad():
+        got = [ours.logits(ours.forward(torch.tensor(ids[:300]), cache, 0))]
+        for pos in range(300, 350):
+            got.append(ours.logits(ours.forward(torch.tensor(ids[pos : pos + 1]), cache, pos)))
+    np.testing.assert_allclose(torch.cat(got).numpy(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_q8_0_weights_match_transformers(tmp_path):
@@ -217,23 +245,9 @@ def test_q8_0_weights_match_transformers(tmp_path):
     np.testing.assert_allclose(got, want, atol=2.5e-2 * np.abs(want).max())
 
 
-def test_prefill_then_decode_equals_full_forward(pair):
-    model, ours = pair
-    ids = _ids(350, seed=2)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
-    cache = ours.new_cache()
-    with torch.no_grad():
-        got = [ours.logits(ours.forward(torch.tensor(ids[:300]), cache, 0))]
-        for pos in range(300, 350):
-            got.append(ours.logits(ours.forward(torch.tensor(ids[pos : pos + 1]), cache, pos)))
-    got = torch.cat(got).numpy()
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-
-
 def test_chunked_prefill_equals_step_by_step(pair):
     _, ours = pair
-    ids = _ids(140, seed=3)
+    ids = _ids(100, seed=3)
     with torch.no_grad():
         full = ours.logits(ours.forward(torch.tensor(ids), ours.new_cache(), 0))
         cache = ours.new_cache()
@@ -241,15 +255,20 @@ def test_chunked_prefill_equals_step_by_step(pair):
     np.testing.assert_allclose(full.numpy(), torch.cat(steps).numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_engine_reuses_no_stale_recurrent_state(pair):
-    """A prompt that shares only a prefix with the cached tokens must not reuse the recurrent state."""
+def test_engine_prefix_reuse_with_a_recurrent_state(pair):
+    """A prompt that extends the cached tokens continues the state; one that shares only part of
+    them must not reuse the recurrent state (it cannot be rolled back)."""
     _, ours = pair
     a, b = _ids(80, seed=4), _ids(80, seed=4)[:50] + _ids(30, seed=5)
+    longer = b + _ids(20, seed=6)
     eng = Engine(ours)
     eng.eval(a)
-    got = eng.eval(b)
-    want = Engine(ours).eval(b)
-    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5)
+    got_b = eng.eval(b)
+    assert len(eng.tokens) == len(b)
+    got_longer = eng.eval(longer)
+    for ids, got in ((b, got_b), (longer, got_longer)):
+        want = Engine(ours).eval(ids)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_forward_refuses_a_gap_in_the_recurrent_state(pair):
