@@ -3,11 +3,19 @@
 `qmatmul(x, packed, type_name)` computes `x @ decode(packed).T` without ever materialising a float
 copy of the weight. The C extension `_qgemm` (built by setup.py; AVX2 or AVX-512 VNNI picked at run
 time) quantizes the activations to 8-bit blocks of 32, as llama.cpp does for its CPU dot products, and
-multiplies them with the weight codes in integer arithmetic, accumulating per block in float32.
+multiplies them with the weight codes in integer arithmetic (dpbusd / maddubs), accumulating per block
+in float32. Two paths:
+- n <= 8 (decode, AVX-512): fused per-type kernels read the packed rows directly (q4_0, q4_1, q5_0,
+  q5_1, iq4_nl, q8_0, q4_K, q5_K, q6_K, iq4_xs, iq4_ks);
+- otherwise (prefill, and the other types): 4 weight rows at a time are unpacked to 8-bit codes plus
+  group scales in a small per-thread buffer, then a 4x4 register-blocked micro-kernel walks activation
+  rows in chunks that stay in L2.
+Output rows are split across `threads` OpenMP threads (torch's own libgomp, so no second pool).
 
-Accuracy: the only approximation is that 8-bit activation quantization. Each output differs from the
-reference `x @ decode(W).T` by at most about 1e-2 of |x| * |w_row| / sqrt(K) (the scale of a typical
-output); tests/test_cpu_kernels.py checks 2e-2 of that scale, typical errors are ~3e-3.
+Accuracy: the only approximation is that 8-bit activation quantization. Against the reference
+`x @ decode(W).T`, each output is within 3e-2 of the scale |x| * |w_row| / sqrt(K) (typical errors
+~5e-3); against `q8(x) @ decode(W).T`, with q8 the same activation rounding, within 1e-4 (float32
+summation order only). tests/test_cpu_kernels.py checks both.
 
 When the extension is missing (not x86-64, no compiler at install time, CPU without AVX2),
 `available()` is False and callers use the reference path (vramfit.kernels.dispatch).
