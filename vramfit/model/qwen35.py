@@ -268,6 +268,7 @@ class GatedAttention:
         w_gate = select_rows(t["wqg"], (base + hd + torch.arange(hd)).reshape(-1))
         wk = select_rows(t["wk"], (torch.arange(cfg.n_head_kv)[:, None] * hd + perm).reshape(-1))
         self.proj = FusedLinear([wq, w_gate, wk, t["wv"]], [None] * 4)
+        self.copied = [wq.name, wk.name, *self.proj.copied()]  # GGUF tensors now held as copies
         self.q_norm, self.k_norm = t["q_norm"][perm], t["k_norm"][perm]
         self.wo = t["wo"]
 
@@ -289,6 +290,7 @@ class GatedDeltaNet:
         self.cfg, dn = cfg, cfg.deltanet
         t = _load(src, DELTANET_TENSORS, i)
         self.proj = FusedLinear([t["w_qkv"], t["w_z"], t["w_beta"], t["w_alpha"]], [None] * 4)
+        self.copied = self.proj.copied()
         self.conv = t["conv"].dense()  # (channels, kernel), float32
         if self.conv.shape != (dn.conv_channels, dn.conv_kernel):
             raise src.error(f"ssm_conv1d of block {i} has shape {tuple(self.conv.shape)}")
@@ -346,6 +348,8 @@ class Qwen35Model:
         mixer_cls = GatedDeltaNet if self.cfg.is_recurrent(i) else GatedAttention
         blk = Block(**_load(src, FFN_TENSORS, i), mixer=mixer_cls(self.cfg, src, i), slot=slot)
         blk.gate_up = FusedLinear([blk.w_gate, blk.w_up], [None, None])
+        # the row-selected / stacked copies replace the mapped originals: drop those pages
+        src.release(blk.mixer.copied + blk.gate_up.copied())
         return blk
 
     def new_cache(self) -> HybridState:
