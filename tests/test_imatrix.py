@@ -144,7 +144,10 @@ def test_collected_means_equal_a_direct_computation(model_path):
     text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n    y: int\n"
     ids = m.tokenize(text * 2)[:40]
     assert len(ids) >= 32
-    im = collect_imatrix(m.engine, [ids, ids[:10]])  # the 10-token batch is ignored (< 16 tokens)
+    from vramfit.kernels.dispatch import use_backend
+
+    with use_backend("reference"):  # float32 products, comparable with the float64 forward below
+        im = collect_imatrix(m.engine, [ids, ids[:10]])  # the 10-token batch is ignored (< 16 tokens)
     expect = _layer0_inputs(m, np.array(ids))
     for name, x in expect.items():
         got = im.values[f"blk.0.{name}.weight"]

@@ -140,10 +140,12 @@ def test_iq4_ks_mix_with_imatrix(tiny, tiny_imatrix, tmp_path):
 
 def test_iq4_ks_without_imatrix_and_overrides(tiny, tmp_path):
     out = tmp_path / "tiny-iq4_ks-noim.gguf"
-    quantize(QuantizeRequest(tiny, out, "iq4_ks", custom_q="ffn_(gate|up)=q8_0", token_embedding_type="q8_0"))
+    rules = "ffn_(gate|up)=q8_0,attn_(q|output)=q8_0"  # keeps the run short: IQK on attn_k/v and ffn_down
+    quantize(QuantizeRequest(tiny, out, "iq4_ks", custom_q=rules, token_embedding_type="q8_0"))
     types = check_rows_match_codec(tiny, out, None)
     assert types["blk.0.ffn_gate.weight"] == "q8_0" and types["blk.0.ffn_up.weight"] == "q8_0"
-    assert types["token_embd.weight"] == "q8_0"
+    assert types["token_embd.weight"] == "q8_0" and types["blk.0.attn_k.weight"] == "iq4_ks"
+    assert types["blk.0.ffn_down.weight"] == "iq4_ks"  # no imatrix, but n_layer / 8 = 0 layers get Q5_K
     assert "quantize.imatrix.file" not in GGUFFile(out).metadata
     assert top1_agreement(tiny, out, IDS) >= 0.75
 
