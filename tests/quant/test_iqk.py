@@ -51,6 +51,7 @@ RMSE_BOUND = {
     "iq2_k": 0.45,
     "iq3_ks": 0.3,
     "iq2_kl": 0.4,
+    "iq2_ks": 0.5,
 }
 ENCODERS = list(RMSE_BOUND)
 # 2-3 bit types whose grids have no zero value
@@ -66,6 +67,7 @@ BYTE_MATCH = {
     "iq6_k": 0.97,
     "iq3_ks": 0.99,
     "iq2_kl": 0.99,
+    "iq2_ks": 0.99,
 }
 
 

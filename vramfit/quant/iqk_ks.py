@@ -124,6 +124,9 @@ class IQ2_KS(Codec):
         idx = _two_bit_planes(blocks[..., 6:70], 8) + 4 * extra[..., :8].unsqueeze(-1)
         return dequant(f16_at(meta)[:, None, None], L, grids.IQ2NL_VALUES, idx).reshape(rows, -1)
 
+    def encode(self, x, imatrix=None):
+        return _encode_iq2ks(x, imatrix)
+
 
 @register
 class IQ3_KS(Codec):
@@ -567,3 +570,178 @@ def _encode_iq2kl(x, imatrix):
     return torch.cat(
         [_f16_bytes(torch.where(ok.squeeze(-1), d, torch.zeros_like(d))), blocks.reshape(rows, -1)], dim=-1
     )
+
+
+# --- IQ2_KS -------------------------------------------------------------------------------------
+# The reference has an exhaustive search (`--slow-iq2ks`) and a faster AVX2 one that
+# ggml_quantize_chunk uses by default on x86; the reference vectors come from the latter, which is
+# what follows (quantize_row_iq2_ks_fast_impl).
+
+IQ2KS_SIGMA = 1.5
+IQ2KS_NMAX = 16  # 5-bit block scales L in [-16, 15]
+IQ2KS_NTRY = 13  # candidate scales max / (g0 + t/2), t = -13..13, for each grid
+
+
+def _hsum8(acc: torch.Tensor) -> torch.Tensor:
+    """(..., 8) lanes -> (...,): the AVX2 horizontal sum ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))."""
+    s = acc[..., :4] + acc[..., 4:]
+    return (s[..., 0] + s[..., 2]) + (s[..., 1] + s[..., 3])
+
+
+def _lane_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum a*b over the last dim (a multiple of 8): 8 FMA lanes (lane l: positions l, l+8, ...), _hsum8."""
+    a8, b8 = a.reshape(*a.shape[:-1], -1, 8), b.reshape(*b.shape[:-1], -1, 8)
+    acc = torch.zeros(a8.shape[:-2] + (8,), dtype=torch.float32, device=a.device)
+    for k in range(a8.shape[-2]):
+        acc = enc.fma(a8[..., k, :], b8[..., k, :], acc)
+    return _hsum8(acc)
+
+
+def _nearest_scaled(vals: torch.Tensor, d: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """Index j of the 4 values minimising (x - f32(d*v_j))^2, the first of equals. d (...,), xb (..., B)."""
+    err = (xb.unsqueeze(-1) - (d.unsqueeze(-1) * vals).unsqueeze(-2)) ** 2  # (..., B, 4)
+    return err.argmin(-1)
+
+
+def _iq2ks_try(vals, d, xb, wb):
+    """compute_1block_iq2ks for candidate scales d (N, C): indices nearest to x/d and to -x/d; the
+    better fit -> (ok (N, C), best scale, score = sum wqx * scale)."""
+    x, w = xb.unsqueeze(1), wb.unsqueeze(1)
+    res = []
+    for sign in (1.0, -1.0):
+        q = vals[_nearest_scaled(vals, sign * d, x)]
+        res.append((_lane_sum(w * q, x.expand_as(q)), _lane_sum(w * q, q)))
+    (sqx1, sq21), (sqx2, sq22) = res
+    one = torch.ones_like(sq21)
+    ok1 = sq21 > 0
+    d1 = sqx1 / torch.where(ok1, sq21, one)
+    s1 = sqx1 * d1
+    take2 = (sq22 > 0) & (~ok1 | (sqx2 * sqx2 > s1 * sq22))
+    d2 = sqx2 / torch.where(sq22 > 0, sq22, one)
+    return ok1 | take2, torch.where(take2, d2, d1), torch.where(take2, sqx2 * d2, s1)
+
+
+def _iq2ks_block_scales(xb, wb):
+    """Pass 1 for 32-blocks (N, 32) -> (scale (N,), shift (N,) int32): the first best-scoring of
+    max/22 on the base grid, max/(-31 + t/2) on the base grid and max/(-26 + t/2) on the shifted one."""
+    dev = xb.device
+    g = grids.IQ2NL_VALUES.to(device=dev, dtype=torch.float32)
+    amax, m = enc.block_max(xb)
+    t = 0.5 * torch.arange(-IQ2KS_NTRY, IQ2KS_NTRY + 1, device=dev, dtype=torch.float32)
+    d0 = m / g[7]
+    d_base = m.unsqueeze(-1) / (g[0] + t)
+    d_shift = m.unsqueeze(-1) / (g[4] + t)
+    ok_b, sc_b, score_b = _iq2ks_try(g[:4], torch.cat([d0.unsqueeze(-1), d_base], -1), xb, wb)
+    ok_s, sc_s, score_s = _iq2ks_try(g[4:], d_shift, xb, wb)
+    ok, sc, score = (torch.cat(p, -1) for p in ((ok_b, ok_s), (sc_b, sc_s), (score_b, score_s)))
+    # sequential "strictly better than best" from best = 0, or from the first candidate's score
+    floor = torch.where(ok[:, :1], torch.full_like(score[:, :1], -1.0), torch.zeros_like(score[:, :1]))
+    score = torch.where(
+        ok & ((torch.arange(score.shape[-1], device=dev) == 0) | (score > floor)), score, -2.0
+    )
+    best = score.argmax(-1, keepdim=True)  # first maximum
+    found = score.gather(-1, best).squeeze(-1) > -2.0
+    scale = torch.where(found, sc.gather(-1, best).squeeze(-1), d0)
+    shift = (found & (best.squeeze(-1) > IQ2KS_NTRY * 2 + 1)).to(torch.int32)
+    small = amax < 1e-14
+    return torch.where(small, torch.zeros_like(scale), scale), torch.where(
+        small, torch.zeros_like(shift), shift
+    )
+
+
+def _fma_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sequential float32 sum over the last dim of a*b, each step one FMA."""
+    total = torch.zeros(a.shape[:-1], dtype=torch.float32, device=a.device)
+    for j in range(a.shape[-1]):
+        total = enc.fma(a[..., j], b[..., j], total)
+    return total
+
+
+def _make_qx_quants(scales: torch.Tensor, sw: torch.Tensor, nmax: int):
+    """Row scale and integer block scales (ggml make_qx_quants over a row's block scales).
+
+    scales, sw (rows, n) -> (d (rows,), L (rows, n) int32 in [0, 2*nmax)): L - nmax = nearest(iscale*s)
+    clamped to [-nmax, nmax-1]; iscale = -(nmax + 0.1 t)/max over t = 0, -9..9, best weighted fit.
+    """
+    max_s = _max_abs_signed(scales)
+    nz = max_s != 0
+    safe = torch.where(nz, max_s, torch.ones_like(max_s))
+    best_d = best = best_l = None
+    for t in [0] + [t for t in range(-9, 10) if t != 0]:
+        num = (
+            torch.tensor(-float(nmax), device=scales.device)
+            if t == 0
+            else -enc.fma(
+                torch.tensor(0.1, dtype=torch.float32), torch.tensor(float(t)), torch.tensor(float(nmax))
+            ).to(scales.device)
+        )
+        iscale = num / safe
+        lev = enc.rint(iscale.unsqueeze(-1) * scales).clamp(-nmax, nmax - 1)
+        sumlx = _fma_sum(sw * scales, lev)
+        suml2 = _fma_sum(sw * lev, lev)
+        d = sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2))
+        if t == 0:
+            best_d = torch.where(suml2 != 0, d, torch.zeros_like(d))
+            best, best_l = best_d * sumlx, lev
+        else:
+            ok = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            best_d, best = torch.where(ok, d, best_d), torch.where(ok, d * sumlx, best)
+            best_l = torch.where(ok.unsqueeze(-1), lev, best_l)
+    L = (best_l + nmax).to(torch.int32)
+    return torch.where(nz, best_d, torch.zeros_like(best_d)), torch.where(
+        nz.unsqueeze(-1), L, torch.zeros_like(L)
+    )
+
+
+def _encode_iq2ks(x, imatrix):
+    """quantize_row_iq2_ks_fast_impl: per-32 scale/shift search, make_qx_quants for the 5-bit block
+    scales, each moved by one step when that lowers the block's weighted error, row refit."""
+    rows, n = x.shape
+    nb = n // QK_K
+    dev = x.device
+    g = grids.IQ2NL_VALUES.to(device=dev, dtype=torch.float32)
+    w = _sigma_weights(
+        x.reshape(rows, nb, QK_K), imatrix, IQ2KS_SIGMA, lambda xs, s2: enc.fma(xs, xs, 0.25 * s2)
+    )
+    w = w.reshape(rows, nb * 8, 32)
+    xb = x.reshape(rows, nb * 8, 32)
+    xf, wf = xb.reshape(-1, 32), w.reshape(-1, 32)
+    per_chunk = max(1, enc.CHUNK // (32 * 4 * 2 * (4 * IQ2KS_NTRY + 3)))
+    parts = [
+        _iq2ks_block_scales(xf[i : i + per_chunk], wf[i : i + per_chunk])
+        for i in range(0, xf.shape[0], per_chunk)
+    ]
+    scale = torch.cat([p[0] for p in parts]).reshape(rows, -1)
+    shift = torch.cat([p[1] for p in parts]).reshape(rows, -1)
+    sw = w[..., 0]
+    for j in range(1, 32):
+        sw = sw + w[..., j]
+    d, L = _make_qx_quants(scale, sw, IQ2KS_NMAX)
+    vals = torch.where(shift.bool().unsqueeze(-1), g[4:], g[:4])  # (rows, n_sub, 4)
+
+    def rmse(dl):  # compute_1block_iq2ks_rmse: nearest indices for dl and their weighted error
+        idx = _nearest_scaled(vals, dl, xb)
+        q = vals.gather(-1, idx)
+        diff = enc.fma(-dl.unsqueeze(-1), q, xb)
+        return _lane_sum(w * diff, diff), idx
+
+    dl = d.unsqueeze(-1) * (L - IQ2KS_NMAX).to(torch.float32)
+    err1, idx = rmse(dl)
+    down = (L > 0) & (dl > scale)
+    up = ~down & (L < 15) & (dl < scale)  # (sic: 15, as in the reference)
+    err2, idx2 = rmse(d.unsqueeze(-1) * (L - IQ2KS_NMAX + torch.where(down, -1, 1)).to(torch.float32))
+    move = (down | up) & (err2 < err1)
+    L = L + torch.where(move & down, -1, 0) + torch.where(move & up, 1, 0)
+    idx = torch.where(move.unsqueeze(-1), idx2, idx)
+    q = (L - IQ2KS_NMAX).to(torch.float32).unsqueeze(-1) * vals.gather(-1, idx)
+    A, B = _lane_sum((w * q).flatten(1), xb.flatten(1)), _lane_sum((w * q).flatten(1), q.flatten(1))
+    d_row = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d)
+    ok = (d != 0).unsqueeze(-1)  # d == 0: only the shift bits are written
+    L = torch.where(ok, L, torch.zeros_like(L)).reshape(rows, nb, 8)
+    idx = torch.where(ok.unsqueeze(-1), idx, torch.zeros_like(idx)).to(torch.int32).reshape(rows, nb, 8, 32)
+    i8 = torch.arange(8, device=dev, dtype=torch.int32)
+    extra = ((shift.reshape(rows, nb, 8) << i8) + ((L >> 4) << (i8 + 8))).sum(-1)
+    scales = (L[..., 0::2] & 15) | ((L[..., 1::2] & 15) << 4)
+    blocks = torch.cat([_u16_bytes(extra), scales, _pack_two_bit(idx)], dim=-1).to(torch.uint8)
+    d_row = torch.where(ok.squeeze(-1), d_row, torch.zeros_like(d_row))
+    return torch.cat([_f16_bytes(d_row), blocks.reshape(rows, -1)], dim=-1)
