@@ -52,10 +52,38 @@ typedef struct {
 
 static layout make_layout(int64_t K) {
     layout L;
-    L.dl = round64(K);            /* K bytes of codes, then K/4 lane scales */
-    L.sm = L.dl + round64(K);     /* then K/16 group sums / offsets */
+    const int64_t K128 = (K + 127) / 128 * 128;
+    L.dl = round64(K128);         /* K codes (padded to 128), then K/4 lane scales */
+    L.sm = L.dl + round64(K128);  /* then K/16 group sums / offsets */
     L.stride = L.sm + round64(K / 4);
     return L;
+}
+
+/* Split order (AVX-512, types with one scale per 32 weights): per 128 weights, weights 0..15 of the
+ * four 32-blocks, then weights 16..31, so the two halves of a block share dot-product lanes and are
+ * summed as integers before one conversion; the lane scales become one float per block and lane
+ * quad (K/8 floats). The same reordering is applied to weights and activations; the group offsets
+ * (K/16) keep their order. Zero padding up to a multiple of 128. */
+static void to_split(const uint8_t *src, uint8_t *dst, int64_t K, const layout *L) {
+    const int64_t nb = K / 32, nb4 = (nb + 3) / 4 * 4;
+    const float *dl = (const float *)(src + L->dl);
+    float *ds = (float *)(dst + L->dl);
+    for (int64_t b = 0; b < nb4; b++) {
+        const int64_t g = b / 4, i = b % 4;
+        if (b < nb) {
+            memcpy(dst + 128 * g + 16 * i, src + 32 * b, 16);
+            memcpy(dst + 128 * g + 64 + 16 * i, src + 32 * b + 16, 16);
+        } else {
+            memset(dst + 128 * g + 16 * i, 0, 16);
+            memset(dst + 128 * g + 64 + 16 * i, 0, 16);
+        }
+        for (int l = 0; l < 4; l++) ds[16 * g + 4 * i + l] = b < nb ? dl[8 * b] : 0.0f;
+    }
+    memcpy(dst + L->sm, src + L->sm, (size_t)(K / 16) * sizeof(float));
+}
+
+static int splits(int type) {
+    return QG_W == 512 && type != QG_Q6_K && type != QG_IQ4_K; /* every type with 32-weight scales */
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -138,7 +166,7 @@ static inline __attribute__((always_inline)) float hsum(__m256 v) {
 }
 #endif
 
-static inline __attribute__((always_inline)) void kern(const kargs *ka, const int NW, const int NY) {
+static inline __attribute__((always_inline)) void kern(const kargs *ka, const int NW, const int NY, const int SPLIT) {
     const int64_t K = ka->K, dl = ka->L->dl;
 #if QG_W == 512
     __m512 acc[NWMAX][NYMAX];
@@ -146,6 +174,26 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
         for (int j = 0; j < NY; j++) acc[r][j] = _mm512_setzero_ps();
     const __m512i zero = _mm512_setzero_si512();
     int64_t k = 0;
+    if (SPLIT) {
+        for (; k < K; k += 128) { /* padded to 128 with zero codes and scales */
+            __m512i wa[NWMAX], wb[NWMAX];
+            __m512 s[NWMAX];
+            for (int r = 0; r < NW; r++) {
+                wa[r] = _mm512_loadu_si512(ka->w[r] + k);
+                wb[r] = _mm512_loadu_si512(ka->w[r] + k + 64);
+                s[r] = _mm512_loadu_ps((const float *)(ka->w[r] + dl) + k / 8);
+            }
+            for (int j = 0; j < NY; j++) {
+                const __m512i xa = _mm512_loadu_si512(ka->x[j] + k), xb = _mm512_loadu_si512(ka->x[j] + k + 64);
+                const __m512 dv = _mm512_loadu_ps((const float *)(ka->x[j] + dl) + k / 8);
+                for (int r = 0; r < NW; r++) {
+                    __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, wa[r], xa), wb[r], xb);
+                    acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s[r], dv), acc[r][j]);
+                }
+            }
+        }
+        k = K;
+    }
     for (; k < K; k += 64) {
         const __mmask64 mb = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
         const __mmask16 mf = K - k >= 64 ? (__mmask16)0xFFFF : (__mmask16)(((unsigned)1 << ((K - k) / 4)) - 1);
@@ -168,6 +216,7 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
     __m256 acc[NWMAX][NYMAX];
     for (int r = 0; r < NW; r++)
         for (int j = 0; j < NY; j++) acc[r][j] = _mm256_setzero_ps();
+    (void)SPLIT;
     const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
     for (int64_t k = 0; k < K; k += 32) {
         __m256i a[NWMAX], sg[NWMAX];
@@ -214,13 +263,17 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
 
 typedef void (*kern_fn)(const kargs *);
 #define KDEF(nw, ny) \
-    static void CAT(kern_##nw##_##ny, QG_SFX)(const kargs *ka) { kern(ka, nw, ny); }
+    static void CAT(kern_##nw##_##ny, QG_SFX)(const kargs *ka) { kern(ka, nw, ny, 0); } \
+    static void CAT(kerns_##nw##_##ny, QG_SFX)(const kargs *ka) { kern(ka, nw, ny, 1); }
 KDEF(1, 1) KDEF(1, 2) KDEF(1, 3) KDEF(1, 4)
 KDEF(2, 1) KDEF(2, 2) KDEF(2, 3) KDEF(2, 4)
 KDEF(3, 1) KDEF(3, 2) KDEF(3, 3) KDEF(3, 4)
 KDEF(4, 1) KDEF(4, 2) KDEF(4, 3) KDEF(4, 4)
 #define KROW(nw) \
     { CAT(kern_##nw##_1, QG_SFX), CAT(kern_##nw##_2, QG_SFX), CAT(kern_##nw##_3, QG_SFX), CAT(kern_##nw##_4, QG_SFX) }
+#define KROWS(nw) \
+    { CAT(kerns_##nw##_1, QG_SFX), CAT(kerns_##nw##_2, QG_SFX), CAT(kerns_##nw##_3, QG_SFX), CAT(kerns_##nw##_4, QG_SFX) }
+static const kern_fn kernels_split[NWMAX][NYMAX] = {KROWS(1), KROWS(2), KROWS(3), KROWS(4)};
 static const kern_fn kernels[NWMAX][NYMAX] = {KROW(1), KROW(2), KROW(3), KROW(4)};
 
 #if QG_W == 512
@@ -292,6 +345,7 @@ typedef struct {
     const layout *L;
     const uint8_t *act;
     int64_t nc, ntiles;
+    int split;
 } plan;
 
 static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
@@ -307,18 +361,27 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
     for (int64_t r0 = tile * ROWS_PER_ITEM; r0 < r_end; r0 += NWMAX) {
         const int nw = r_end - r0 < NWMAX ? (int)(r_end - r0) : NWMAX;
         for (int r = 0; r < nw; r++) {
-            uint8_t *u = ubuf + r * stride;
-            p->unpack(a->w + (r0 + r) * a->row_nbytes, a->K, u, (float *)(u + p->L->dl),
-                      (float *)(u + p->L->sm));
+            uint8_t *u = ubuf + r * stride, *tmp = p->split ? ubuf + NWMAX * stride : u;
+            p->unpack(a->w + (r0 + r) * a->row_nbytes, a->K, tmp, (float *)(tmp + p->L->dl),
+                      (float *)(tmp + p->L->sm));
+            if (p->split) to_split(tmp, u, a->K, p->L);
             ka.w[r] = u;
         }
         for (int64_t y = y0; y < y_end; y += NYMAX) {
             const int ny = y_end - y < NYMAX ? (int)(y_end - y) : NYMAX;
             for (int j = 0; j < ny; j++) ka.x[j] = p->act + (y + j) * stride;
             ka.out = a->out + y * a->N + r0;
-            kernels[nw - 1][ny - 1](&ka);
+            (p->split ? kernels_split : kernels)[nw - 1][ny - 1](&ka);
         }
     }
+}
+
+/* activation row j into the plan's layout (split order through the thread's scratch row) */
+static void quantize_act(const plan *p, int64_t j, uint8_t *ubuf) {
+    const int64_t K = p->a->K, stride = p->L->stride;
+    uint8_t *dst = (uint8_t *)p->act + j * stride, *tmp = p->split ? ubuf + NWMAX * stride : dst;
+    quantize_row(p->a->x + j * K, K, tmp, p->L);
+    if (p->split) to_split(tmp, dst, K, p->L);
 }
 
 int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
@@ -334,18 +397,18 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
 #endif
     uint8_t *act = grow(&act_buf, &act_cap, (size_t)(n * L.stride));
     if (!act) return 2;
-    for (int t = 0; t < nth; t++)
-        if (!grow(&unp_buf[t], &unp_cap[t], (size_t)(NWMAX * L.stride))) return 2;
+    for (int t = 0; t < nth; t++) /* NWMAX unpacked rows and one scratch row */
+        if (!grow(&unp_buf[t], &unp_cap[t], (size_t)((NWMAX + 1) * L.stride))) return 2;
     /* activation rows per chunk: about 1 MiB of quantized rows, so a chunk stays in L2 */
     int64_t nc = (1 << 20) / L.stride;
     nc = nc < NYMAX ? NYMAX : nc - nc % NYMAX;
-    plan p = {a, unpack, &L, act, nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM};
+    plan p = {a, unpack, &L, act, nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, splits(a->type)};
     const int64_t total = ((n + nc - 1) / nc) * p.ntiles;
     int64_t next = 0;
     /* few rows: quantize here, so that the threads start without a barrier */
     const int quant_inside = nth > 1 && n > 8;
     if (!quant_inside)
-        for (int64_t j = 0; j < n; j++) quantize_row(a->x + j * K, K, act + j * L.stride, &L);
+        for (int64_t j = 0; j < n; j++) quantize_act(&p, j, unp_buf[0]);
     if (nth == 1) {
         for (int64_t it = 0; it < total; it++) run_item(&p, it, unp_buf[0]);
         return 0;
@@ -355,7 +418,7 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
         const int tid = omp_get_thread_num();
         if (quant_inside) {
 #pragma omp for schedule(static)
-            for (int64_t j = 0; j < n; j++) quantize_row(a->x + j * K, K, act + j * L.stride, &L);
+            for (int64_t j = 0; j < n; j++) quantize_act(&p, j, unp_buf[tid]);
         }
         for (;;) {
             const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
