@@ -35,12 +35,19 @@ def nearest_index(grid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(take_lo, lo, hi)
 
 
-def importance(xs: torch.Tensor, imatrix: torch.Tensor | None, block: int, plain_sigma: float = 0.0):
+def importance(
+    xs: torch.Tensor,
+    imatrix: torch.Tensor | None,
+    block: int,
+    plain_sigma: float = 0.0,
+    sigma_factor: float = 2.0,
+):
     """Per-weight error weights (4.0). xs: (rows, n_sb, 256) -> (rows, n_sb, 256) float32.
 
-    With an imatrix: imatrix_j * sqrt(sigma2 + x_j^2), sigma2 = 2*mean(x^2) over the super-block;
-    imatrix blocks of `block` columns that are degenerate for a row are replaced by 1e-9.
-    Without: plain_sigma*sigma2 + x_j^2 (0 for most types; IQ3_K, IQ5_K and IQ6_K use 0.25).
+    With an imatrix: imatrix_j * sqrt(sigma2 + x_j^2), sigma2 = sigma_factor*mean(x^2) over the
+    super-block (2 for most types; IQ2_KS, IQ2_K and IQ3_K use 1.5, IQ2_KL 2.25); imatrix blocks
+    of `block` columns that are degenerate for a row are replaced by 1e-9.
+    Without: plain_sigma*sigma2 + x_j^2 (0 for most types; IQ2_KS, IQ2_K, IQ3_K, IQ5_K and IQ6_K use 0.25).
     """
     if imatrix is None and plain_sigma == 0.0:
         return xs * xs
@@ -48,7 +55,7 @@ def importance(xs: torch.Tensor, imatrix: torch.Tensor | None, block: int, plain
     sumx2 = torch.zeros(rows, n_sb, dtype=torch.float32, device=xs.device)
     for j in range(QK_K):  # sequential, as the reference accumulates
         sumx2 = sumx2 + xs[..., j] * xs[..., j]
-    sigma2 = (sumx2 * (2.0 / QK_K)).unsqueeze(-1).expand_as(xs)
+    sigma2 = (sumx2 * (sigma_factor / QK_K)).unsqueeze(-1).expand_as(xs)
     if imatrix is None:
         return fma(xs, xs, plain_sigma * sigma2)
     imat = imatrix.to(device=xs.device, dtype=torch.float32).reshape(1, n_sb, QK_K).expand(rows, -1, -1)
@@ -211,3 +218,50 @@ def row_refit(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, pair: int):
         A = A + terms_a[:, j]
         B = B + terms_b[:, j]
     return A, B
+
+
+def fma_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sequential float32 sum over the last dim of a*b, each step one FMA."""
+    total = torch.zeros(a.shape[:-1], dtype=torch.float32, device=a.device)
+    for j in range(a.shape[-1]):
+        total = fma(a[..., j], b[..., j], total)
+    return total
+
+
+def max_abs_signed(s: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (...,): the first entry of largest magnitude, with its sign."""
+    return s.gather(-1, s.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def make_qx_quants(scales: torch.Tensor, sw: torch.Tensor, nmax: int):
+    """Scale and integer levels for the block scales of a row or super-block (iqk make_qx_quants).
+
+    scales, sw (..., n) -> (d (...,), L (..., n) int32 in [0, 2*nmax)): L - nmax = nearest(iscale*s)
+    clamped to [-nmax, nmax-1]; iscale = -(nmax + 0.1 t)/max over t = 0, -9..9 (max: the scale of
+    largest magnitude); the best sw-weighted fit wins. All-zero scales give d = 0, L = 0.
+    """
+    max_s = max_abs_signed(scales)
+    nz = max_s != 0
+    safe = torch.where(nz, max_s, torch.ones_like(max_s))
+    best_d = best = best_l = None
+    for t in [0] + [t for t in range(-9, 10) if t != 0]:
+        if t == 0:
+            num = torch.tensor(-float(nmax), device=scales.device)
+        else:  # -(nmax + 0.1f*t), contracted to one FMA as in the reference build
+            tenth = torch.tensor(0.1, dtype=torch.float32)
+            num = -fma(tenth, torch.tensor(float(t)), torch.tensor(float(nmax))).to(scales.device)
+        lev = rint((num / safe).unsqueeze(-1) * scales).clamp(-nmax, nmax - 1)
+        sumlx = fma_sum(sw * scales, lev)
+        suml2 = fma_sum(sw * lev, lev)
+        d = sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2))
+        if t == 0:
+            best_d = torch.where(suml2 != 0, d, torch.zeros_like(d))
+            best, best_l = best_d * sumlx, lev
+        else:
+            ok = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            best_d, best = torch.where(ok, d, best_d), torch.where(ok, d * sumlx, best)
+            best_l = torch.where(ok.unsqueeze(-1), lev, best_l)
+    L = (best_l + nmax).to(torch.int32)
+    return torch.where(nz, best_d, torch.zeros_like(best_d)), torch.where(
+        nz.unsqueeze(-1), L, torch.zeros_like(L)
+    )

@@ -350,11 +350,6 @@ def _u16_bytes(words: torch.Tensor) -> torch.Tensor:
     return torch.stack([words & 0xFF, (words >> 8) & 0xFF], dim=-1)
 
 
-def _max_abs_signed(s: torch.Tensor) -> torch.Tensor:
-    """(rows, n) -> (rows,): the first entry of largest magnitude, with its sign."""
-    return s.gather(-1, s.abs().argmax(-1, keepdim=True)).squeeze(-1)
-
-
 def _pack_two_bit(idx: torch.Tensor) -> torch.Tensor:
     """(rows, nb, 8, 32) 2-bit values -> (rows, nb, 64): qs[32*(i//4) + j] |= v[i, j] << 2*(i%4)."""
     g = idx.reshape(*idx.shape[:2], 2, 4, 32)
@@ -378,7 +373,7 @@ def _encode_iq3ks(x, imatrix, ntry=5):
     xb = x.reshape(rows, nb * 8, 32)
     scale, shift = enc.search_scales(xb.reshape(-1, 32), w.reshape(-1, 32), grid, ntry)
     scale, shift = scale.reshape(rows, -1), shift.reshape(rows, -1)
-    d = -_max_abs_signed(scale) / 16
+    d = -enc.max_abs_signed(scale) / 16
     lev = enc.rint(_safe_inv(d).unsqueeze(-1) * scale).clamp(-16, 15).to(torch.int32)
     dl = d.unsqueeze(-1) * lev.to(torch.float32)
     idx = enc.nearest_in_shifted(grid, shift, _safe_inv(dl).unsqueeze(-1) * xb)
@@ -395,22 +390,6 @@ def _encode_iq3ks(x, imatrix, ntry=5):
     qh = ((idx >> 2) << i8[:, None]).sum(-2)  # (rows, nb, 32)
     blocks = torch.cat([_u16_bytes(extra), scales, qs, qh], dim=-1).to(torch.uint8)
     return torch.cat([_f16_bytes(d), blocks.reshape(rows, -1)], dim=-1)
-
-
-def _sigma_weights(xs: torch.Tensor, imatrix, factor: float, plain) -> torch.Tensor:
-    """Error weights of the fp16-row-scale types. xs (rows, nb, 256) -> (rows, nb, 256).
-
-    With an imatrix (32-column QHelper blocks, as enc.importance): imatrix_j * sqrt(sigma2 + x_j^2)
-    with sigma2 = factor * mean(x^2) over the super-block; without: plain(x, sigma2).
-    """
-    sumx2 = torch.zeros(xs.shape[:-1], dtype=torch.float32, device=xs.device)
-    for j in range(QK_K):  # sequential, as the reference accumulates
-        sumx2 = sumx2 + xs[..., j] * xs[..., j]
-    sigma2 = (sumx2 * (factor / QK_K)).unsqueeze(-1).expand_as(xs)
-    if imatrix is None:
-        return plain(xs, sigma2)
-    imat = imatrix.to(device=xs.device, dtype=torch.float32).reshape(1, xs.shape[1], QK_K).expand_as(xs)
-    return enc._qhelper(imat, xs, 32) * torch.sqrt(enc.fma(xs, xs, sigma2))
 
 
 def _pair_terms(a1, b1, c1, a2, b2, c2):
@@ -519,7 +498,8 @@ def _encode_iq2kl(x, imatrix):
     dev = x.device
     tables = _iq2kl_tables(dev)
     _, pv = tables
-    w = _sigma_weights(x.reshape(rows, nb, QK_K), imatrix, IQ2KL_SIGMA, lambda xs, s2: xs.abs())
+    xs = x.reshape(rows, nb, QK_K)
+    w = xs.abs() if imatrix is None else enc.importance(xs, imatrix, 32, sigma_factor=IQ2KL_SIGMA)
     w = w.reshape(rows, nb * 8, 32)
     xb = x.reshape(rows, nb * 8, 32)
     xf, wf = xb.reshape(-1, 32), w.reshape(-1, 32)
@@ -530,7 +510,7 @@ def _encode_iq2kl(x, imatrix):
             for i in range(0, xf.shape[0], per_chunk)
         ]
     ).reshape(rows, -1)
-    max_scale = _max_abs_signed(scale)
+    max_scale = enc.max_abs_signed(scale)
     d = -max_scale / 32
     ls = enc.rint(_safe_inv(d).unsqueeze(-1) * scale).clamp(-32, 31)
     x1, x2, w1, w2 = xb[..., 0::2], xb[..., 1::2], w[..., 0::2], w[..., 1::2]
@@ -649,50 +629,6 @@ def _iq2ks_block_scales(xb, wb):
     )
 
 
-def _fma_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Sequential float32 sum over the last dim of a*b, each step one FMA."""
-    total = torch.zeros(a.shape[:-1], dtype=torch.float32, device=a.device)
-    for j in range(a.shape[-1]):
-        total = enc.fma(a[..., j], b[..., j], total)
-    return total
-
-
-def _make_qx_quants(scales: torch.Tensor, sw: torch.Tensor, nmax: int):
-    """Row scale and integer block scales (ggml make_qx_quants over a row's block scales).
-
-    scales, sw (rows, n) -> (d (rows,), L (rows, n) int32 in [0, 2*nmax)): L - nmax = nearest(iscale*s)
-    clamped to [-nmax, nmax-1]; iscale = -(nmax + 0.1 t)/max over t = 0, -9..9, best weighted fit.
-    """
-    max_s = _max_abs_signed(scales)
-    nz = max_s != 0
-    safe = torch.where(nz, max_s, torch.ones_like(max_s))
-    best_d = best = best_l = None
-    for t in [0] + [t for t in range(-9, 10) if t != 0]:
-        num = (
-            torch.tensor(-float(nmax), device=scales.device)
-            if t == 0
-            else -enc.fma(
-                torch.tensor(0.1, dtype=torch.float32), torch.tensor(float(t)), torch.tensor(float(nmax))
-            ).to(scales.device)
-        )
-        iscale = num / safe
-        lev = enc.rint(iscale.unsqueeze(-1) * scales).clamp(-nmax, nmax - 1)
-        sumlx = _fma_sum(sw * scales, lev)
-        suml2 = _fma_sum(sw * lev, lev)
-        d = sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2))
-        if t == 0:
-            best_d = torch.where(suml2 != 0, d, torch.zeros_like(d))
-            best, best_l = best_d * sumlx, lev
-        else:
-            ok = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            best_d, best = torch.where(ok, d, best_d), torch.where(ok, d * sumlx, best)
-            best_l = torch.where(ok.unsqueeze(-1), lev, best_l)
-    L = (best_l + nmax).to(torch.int32)
-    return torch.where(nz, best_d, torch.zeros_like(best_d)), torch.where(
-        nz.unsqueeze(-1), L, torch.zeros_like(L)
-    )
-
-
 def _encode_iq2ks(x, imatrix):
     """quantize_row_iq2_ks_fast_impl: per-32 scale/shift search, make_qx_quants for the 5-bit block
     scales, each moved by one step when that lowers the block's weighted error, row refit."""
@@ -700,9 +636,7 @@ def _encode_iq2ks(x, imatrix):
     nb = n // QK_K
     dev = x.device
     g = grids.IQ2NL_VALUES.to(device=dev, dtype=torch.float32)
-    w = _sigma_weights(
-        x.reshape(rows, nb, QK_K), imatrix, IQ2KS_SIGMA, lambda xs, s2: enc.fma(xs, xs, 0.25 * s2)
-    )
+    w = enc.importance(x.reshape(rows, nb, QK_K), imatrix, 32, plain_sigma=0.25, sigma_factor=IQ2KS_SIGMA)
     w = w.reshape(rows, nb * 8, 32)
     xb = x.reshape(rows, nb * 8, 32)
     xf, wf = xb.reshape(-1, 32), w.reshape(-1, 32)
@@ -716,7 +650,7 @@ def _encode_iq2ks(x, imatrix):
     sw = w[..., 0]
     for j in range(1, 32):
         sw = sw + w[..., j]
-    d, L = _make_qx_quants(scale, sw, IQ2KS_NMAX)
+    d, L = enc.make_qx_quants(scale, sw, IQ2KS_NMAX)
     vals = torch.where(shift.bool().unsqueeze(-1), g[4:], g[:4])  # (rows, n_sub, 4)
 
     def rmse(dl):  # compute_1block_iq2ks_rmse: nearest indices for dl and their weighted error
