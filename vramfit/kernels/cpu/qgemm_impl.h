@@ -157,6 +157,15 @@ static inline __attribute__((always_inline)) float corr_dot(const float *mw, con
 
 #if QG_W == 512
 static inline __attribute__((always_inline)) float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* [sum(a), sum(b), sum(c), sum(d)] */
+static inline __attribute__((always_inline)) __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); /* a0 b0 a1 b1 per lane */
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
 #else
 static inline __attribute__((always_inline)) float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -249,8 +258,14 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
             for (int r = 0; r < NW; r++) acc[r][j] = _mm512_fmadd_ps(mwv[r], xsv, acc[r][j]);
         }
     }
-    for (int r = 0; r < NW; r++)
-        for (int j = 0; j < NY; j++) ka->out[j * ka->ldo + r] = hsum(acc[r][j]);
+    for (int r = 0; r < NW; r++) {
+        if (NY == 4) { /* four horizontal sums at once */
+            const __m128 v = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+            for (int j = 0; j < 4; j++) ka->out[j * ka->ldo + r] = v[j];
+        } else {
+            for (int j = 0; j < NY; j++) ka->out[j * ka->ldo + r] = hsum(acc[r][j]);
+        }
+    }
 #else
     for (int r = 0; r < NW; r++)
         for (int j = 0; j < NY; j++) {
