@@ -79,8 +79,11 @@ def test_stream_pieces_join_to_the_full_result(smol, oracle):
 
 def test_seeded_sampling_is_reproducible(smol):
     kw = dict(max_tokens=5, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=2024)
+    # Cold cache both times: a warm prompt recomputes only its last token, whose logits may differ
+    # in the last float bits from a full prefill (another summation order), and T=1.5 amplifies that.
+    smol.engine.reset()
     first = smol.generate(PROMPT, **kw)
-    smol.engine.reset()  # a cold cache the second time: same draws all the same
+    smol.engine.reset()
     second = smol.generate(PROMPT, **kw)
     assert first == second
     assert smol.last_stats.generated_tokens == 5
