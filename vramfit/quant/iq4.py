@@ -25,6 +25,7 @@ from vramfit.quant.legacy import (
     lookup,
     nibbles,
     pack_nibbles,
+    rint,
     rows_out,
     seq_dot,
     sqrt_f32,
@@ -79,7 +80,7 @@ def _iq4_xs_encode(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tenso
     _, max_scale = first_absmax(scales)
     d = -max_scale / 32
     inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
-    ls = torch.clamp(torch.round(inv.unsqueeze(-1) * scales), -32, 31)  # (rows, nsb, 8)
+    ls = torch.clamp(rint(inv.unsqueeze(-1) * scales), -32, 31)  # (rows, nsb, 8)
     dl = d.unsqueeze(-1) * ls
     idl = torch.where(dl != 0, 1 / dl, torch.zeros_like(dl))
     grid = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=x.device)

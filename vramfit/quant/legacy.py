@@ -188,6 +188,13 @@ def seq_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def rint(v: torch.Tensor) -> torch.Tensor:
+    """ggml `nearest_int` as a float: round half to even via the 1.5*2^23 trick (|v| < 2^22; larger
+    values are returned as they are). Also far cheaper than torch.round on a busy multi-thread CPU."""
+    r = (v + 12582912.0) - 12582912.0
+    return torch.where(v.abs() < 4194304.0, r, v)
+
+
 def round_away(v: torch.Tensor) -> torch.Tensor:
     """C `roundf`: round half away from zero (v - trunc(v) is exact in float32)."""
     t = torch.trunc(v)
@@ -258,7 +265,7 @@ def make_qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.T
     wx = w * x
 
     def fit(iscale):
-        lq = torch.clamp(torch.round(iscale.unsqueeze(-1) * x), -nmax, nmax - 1)
+        lq = torch.clamp(rint(iscale.unsqueeze(-1) * x), -nmax, nmax - 1)
         return lq, seq_dot(wx, lq), seq_dot(w * lq, lq)
 
     lq, sumlx, suml2 = fit(-float(nmax) / vmax)
@@ -329,7 +336,7 @@ def make_qkx3_quants(
     mn0 = mn
 
     def levels(iscale, base):
-        return torch.clamp(torch.round(iscale.unsqueeze(-1) * (x - base.unsqueeze(-1))), 0, nmax)
+        return torch.clamp(rint(iscale.unsqueeze(-1) * (x - base.unsqueeze(-1))), 0, nmax)
 
     def sums(lq):
         ld = lq.double()
@@ -402,15 +409,21 @@ def make_qkx3_quants(
 
 
 def best_index(grid: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Nearest grid index, exact ties to the higher index (ggml `best_index_int8`): -> int64 like v."""
-    hi = torch.searchsorted(grid, v.contiguous(), right=True).clamp(
-        1, grid.numel() - 1
-    )  # g[hi-1] <= v < g[hi]
+    """Nearest grid index, exact ties to the higher index (ggml `best_index_int8`): -> int64 like v.
+
+    `grid` holds sorted integers in -128..127: the grid values <= v are those <= floor(v), so a
+    256-entry table of counts gives the bracketing pair without a search.
+    """
+    n = grid.numel()
+    ints = torch.arange(-128, 128, dtype=grid.dtype, device=grid.device)
+    below = (grid.view(1, -1) <= ints.view(-1, 1)).sum(-1)  # count of grid values <= k
+    k = torch.floor(v).clamp(-128, 127).to(torch.int64) + 128
+    hi = below[k].clamp(1, n - 1)  # g[hi-1] <= v < g[hi] inside the grid's range
     lo = hi - 1
     pick_lo = (v - grid[lo]) < (grid[hi] - v)
     idx = torch.where(pick_lo, lo, hi)
     idx = torch.where(v <= grid[0], torch.zeros_like(idx), idx)
-    return torch.where(v >= grid[-1], torch.full_like(idx, grid.numel() - 1), idx)
+    return torch.where(v >= grid[-1], torch.full_like(idx, n - 1), idx)
 
 
 def _split(x: torch.Tensor) -> torch.Tensor:
