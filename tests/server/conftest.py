@@ -14,6 +14,8 @@ import openai
 import pytest
 import uvicorn
 
+from vramfit.runtime.engine import Event
+
 MODEL = "smollm2-135m"
 CTX = 256
 
@@ -23,6 +25,22 @@ def smol():
     import vramfit
 
     return vramfit.load(MODEL, n_ctx=CTX)
+
+
+class ScriptedEngine:
+    """Stands in for a slot's Engine: yields the scripted text pieces, records the prompts it got."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces, self.tokens, self.prompts = pieces, [], []
+
+    def generate(
+        self, prompt, max_tokens, params, stop_ids=(), detok=None, stop_strings=(), stats=None, sampler=None
+    ):
+        self.prompts.append(list(prompt))
+        stats.prompt_tokens, stats.finish_reason = len(prompt), "stop"
+        for i, text in enumerate(self.pieces[:max_tokens]):
+            stats.generated_tokens += 1
+            yield Event(1000 + i, text)
 
 
 @contextlib.contextmanager

@@ -6,11 +6,12 @@ answers, non-streamed and streamed."""
 from __future__ import annotations
 
 import json
+import threading
 
+import openai
 import pytest
 
-from tests.server.conftest import MODEL, client_for, run_server
-from vramfit.runtime.engine import Event
+from tests.server.conftest import MODEL, ScriptedEngine, client_for, run_server
 from vramfit.server.app import create_app
 from vramfit.server.serving import Serving
 
@@ -48,22 +49,6 @@ XML_ONE = [
 ]
 
 
-class ScriptedEngine:
-    """Stands in for a slot's Engine: yields the scripted text pieces, records the prompts it got."""
-
-    def __init__(self, pieces: list[str]):
-        self.pieces, self.tokens, self.prompts = pieces, [], []
-
-    def generate(
-        self, prompt, max_tokens, params, stop_ids=(), detok=None, stop_strings=(), stats=None, sampler=None
-    ):
-        self.prompts.append(list(prompt))
-        stats.prompt_tokens, stats.finish_reason = len(prompt), "stop"
-        for i, text in enumerate(self.pieces[:max_tokens]):
-            stats.generated_tokens += 1
-            yield Event(1000 + i, text)
-
-
 @pytest.fixture(scope="module")
 def scripted(smol):
     serving = Serving(smol, MODEL)
@@ -74,6 +59,7 @@ def scripted(smol):
             serving.slots[0].engine = engine = ScriptedEngine(pieces)
             return engine
 
+        script.serving = serving
         yield client, script
 
 
@@ -213,8 +199,6 @@ def test_parallel_tool_calls_false_keeps_one(scripted):
 
 
 def test_bad_tool_choice_is_400(scripted):
-    import openai
-
     client, _ = scripted
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
@@ -269,3 +253,37 @@ def test_qwen_tool_loop(qwen_client, stream):
     assert second.usage.prompt_tokens_details.cached_tokens > 0
     message = second.choices[0].message
     assert message.content or message.tool_calls
+
+
+class HeldEngine(ScriptedEngine):
+    """Yields its first piece, then holds the slot until released (at most 30 s)."""
+
+    def __init__(self, pieces: list[str]):
+        super().__init__(pieces)
+        self.release = threading.Event()
+
+    def generate(self, prompt, max_tokens, params, stats=None, **kw):
+        for i, event in enumerate(super().generate(prompt, max_tokens, params, stats=stats, **kw)):
+            if i == 1:
+                self.release.wait(30)
+            yield event
+
+
+def test_overload_is_503_when_no_slot_is_free_and_the_queue_is_full(scripted):
+    client, script = scripted
+    serving = script.serving
+    engine = serving.slots[0].engine = HeldEngine(["one", " two"])
+    serving.max_queue = 0
+    try:
+        stream = client.chat.completions.create(model=MODEL, messages=ASK, stream=True)
+        first = next(iter(stream))  # the role chunk: the request holds the only slot now
+        assert first.choices[0].delta.role == "assistant"
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model=MODEL, messages=ASK)
+        assert e.value.status_code == 503 and e.value.body["code"] == "overloaded"
+        engine.release.set()
+        rest = "".join(c.choices[0].delta.content or "" for c in stream)
+        assert rest == "one two"
+    finally:
+        engine.release.set()
+        serving.max_queue = 256

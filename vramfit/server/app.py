@@ -1,5 +1,6 @@
 """HTTP routes of `vramfit serve`: OpenAI-compatible chat and text completions (JSON and SSE), models,
-health, Prometheus metrics; errors in OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+health, Prometheus metrics (Anthropic-style /v1/messages lives in anthropic.py); errors in OpenAI's
+shape {"error": {"message", "type", "param", "code"}}.
 
 Streams follow OpenAI's chunk format: a first chunk with the role, content / reasoning_content /
 tool_calls deltas, a chunk with finish_reason, with `stream_options.include_usage` a last chunk with
@@ -37,7 +38,8 @@ from vramfit.server.protocol import (
 from vramfit.server.serving import ChatPlan, Generation, Piece, Serving, TokenLogprob, collect
 
 log = logging.getLogger("vramfit.server")
-ROUTES = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/messages"}
+ROUTES = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/messages",
+          "/v1/messages/count_tokens"}  # fmt: skip
 FINGERPRINT = "fp_vramfit"
 
 
@@ -240,11 +242,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         pieces = await collect(gen, request.is_disconnected)
         return _completion_response(s, req, gen, pieces, prompt_text)
 
-    try:
-        from vramfit.server.anthropic import add_routes as add_messages
-    except ImportError:
-        return
-    add_messages(app, ready)
+    from vramfit.server.anthropic import add_routes as add_messages_routes
+
+    add_messages_routes(app)
 
 
 # -- shared response pieces -----------------------------------------------------------------------------

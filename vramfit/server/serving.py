@@ -64,6 +64,7 @@ class ApiSampler(Sampler):
             self.bias = torch.tensor(list(logit_bias), dtype=torch.long), torch.tensor(vals)
         self.n_logprobs = n_logprobs
         self.records: deque[TokenLogprob] = deque()
+        self.last = -1  # the last token drawn (an end-of-turn id when the model stopped by itself)
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         logits = self.penalize(logits.clone(), history)
@@ -73,6 +74,7 @@ class ApiSampler(Sampler):
             vals, ids = torch.topk(lp, self.n_logprobs) if self.n_logprobs else (lp[:0], lp[:0])
             top = [(int(i), float(v)) for i, v in zip(ids, vals, strict=True)]
             self.records.append(TokenLogprob(tok, float(lp[tok]), top))
+        self.last = tok
         return tok
 
     def penalize(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
@@ -133,6 +135,7 @@ class Generation:
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self.stats = Stats()
+        self.stop_sequence: str | None = None  # the stop string that ended the output, if one did
         self.slot = -1
 
     def put(self, item: object) -> None:
@@ -325,7 +328,7 @@ class Serving:
 
     async def start(self, job: Job) -> Generation:
         """Wait for a slot (503 when too many wait) and start generating in a worker thread."""
-        if self.waiting >= self.max_queue:
+        if self._sem.locked() and self.waiting >= self.max_queue:
             raise APIError(503, f"server overloaded: {self.waiting} requests are waiting for a slot",
                            "server_error", "overloaded")  # fmt: skip
         self.waiting += 1
@@ -358,13 +361,17 @@ class Serving:
         events = slot.engine.generate(job.prompt_ids, job.max_tokens, job.params, stop_ids=set(tok.eot_ids),
                                       detok=_Detok(tok), stop_strings=job.stops, stats=gen.stats,
                                       sampler=sampler)  # fmt: skip
+        generated: list[int] = []
         try:
             while not gen.cancelled.is_set():
                 ev = next(events, None)
                 if ev is None:
                     break
                 lp = sampler.records.popleft() if ev.token >= 0 and sampler.records else None
+                generated += [ev.token] if ev.token >= 0 else []
                 gen.put(Piece(ev.text, ev.token, lp))
+            if gen.stats.finish_reason == "stop" and sampler.last not in tok.eot_ids:
+                gen.stop_sequence = _first_stop(tok.decode(generated), job.stops)
         except ContextOverflowError as e:
             gen.put(bad_request(str(e), code="context_length_exceeded"))
         except Exception as e:  # reported to the client as a 500; the server keeps serving
@@ -417,6 +424,12 @@ async def _watch(gen: Generation, disconnected: Callable[[], Awaitable[bool]]) -
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> str | None:
+    """The stop string completed first in `text` (the engine's rule), or None."""
+    found = [(i + len(s), -len(s), s) for s in stops if (i := text.find(s)) >= 0]
+    return min(found)[2] if found else None
 
 
 class _Detok:
