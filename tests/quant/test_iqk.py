@@ -6,8 +6,8 @@
   expectation (docs/iqk-formats.md 0.8, 3.6).
 - Encoders: importance-weighted squared error of decode(encode(x)) is within 0.1% of the reference
   bytes' error on every vector. Error weights: the imatrix for `imat` variants, x^2 for `plain`
-  (the spec's plain weights, section 4.0). Block bytes match the reference for >= 99% of blocks
-  where the reference algorithm is reproduced exactly.
+  (the spec's plain weights, section 4.0). Block bytes match the reference for >= 97-99% of
+  blocks for every type whose reference algorithm is reproduced (all but IQ4_KSS).
 - Property tests: encode -> decode stays finite and close on degenerate and random rows.
 """
 
@@ -57,8 +57,8 @@ ENCODERS = list(RMSE_BOUND)
 # 2-3 bit types whose grids have no zero value
 NO_ZERO_GRID = {"iq2_k", "iq3_k", "iq2_ks", "iq3_ks", "iq2_kl"}
 # type -> minimal fraction of blocks whose bytes equal the reference encoder's (reference algorithm
-# reproduced; the spec only sketches IQ4_KSS's pruning and gives no IQ3_K / IQ2_K algorithm, so
-# for those only the error bound is checked)
+# reproduced; the spec only sketches IQ4_KSS's pruning, so for it only the error bound is checked).
+# IQ2_KS follows the reference's default (AVX2) search, which produced the vectors.
 BYTE_MATCH = {
     "iq4_ks": 0.99,
     "iq4_k": 0.99,
@@ -68,6 +68,8 @@ BYTE_MATCH = {
     "iq3_ks": 0.99,
     "iq2_kl": 0.99,
     "iq2_ks": 0.99,
+    "iq3_k": 0.99,
+    "iq2_k": 0.99,
 }
 
 

@@ -16,9 +16,11 @@ from vramfit.quant.iqk_common import QK_K, bits, dequant, f16_at, nibble_pairs, 
 from vramfit.quant.registry import Codec, register
 
 IQ6K_NTRY = 5
-IQ3K_NTRY = 5
-IQ2K_NTRY = 9
-IQ2K_DF = (-8 / 7, 0.9, 0.8, 0.7, 1.1)
+IQ3K_NTRY = 3  # candidate offsets g0 + 2t, t = -3..3
+IQ3K_SIGMA = 1.5
+IQ3K_FUDGE = 1.01
+IQ2K_SIGMA = 1.5
+IQ2K_FUDGE = 1.030
 FP16_MAX = 65504.0
 
 
@@ -66,17 +68,7 @@ class IQ2_K(Codec):
         return _finish(d, L, grids.IQ2NL_VALUES, idx, rows)
 
     def encode(self, x, imatrix=None):
-        """Not the reference algorithm (none in the spec): IQ4_K-pattern search, L in [-8, 7], more d."""
-        d, L, shift, idx = _encode_bs16(
-            x,
-            imatrix,
-            grids.IQ2NL_VALUES,
-            ntry=IQ2K_NTRY,
-            lmax=8,
-            polish=True,
-            plain_sigma=0.0,
-            d_factors=IQ2K_DF,
-        )
+        d, L, shift, idx = _encode_iq2k(x, imatrix)
         scales = (L + 8)[..., 0::2] | ((L + 8)[..., 1::2] << 4)
         return _finish_bytes([_header_bytes(d, shift), scales, _pack_two_bit_planes(idx & 3)])
 
@@ -100,17 +92,7 @@ class IQ3_K(Codec):
         return _finish(d, L, grids.IQ3NL_VALUES, idx, rows)
 
     def encode(self, x, imatrix=None):
-        """IQ4_K-pattern search (spec 4.0/4.5) with odd levels L = +-(2m+1); not byte-exact."""
-        d, L, shift, idx = _encode_bs16(
-            x,
-            imatrix,
-            grids.IQ3NL_VALUES,
-            ntry=IQ3K_NTRY,
-            lmax=31,
-            plain_sigma=0.25,
-            polish=True,
-            levels=_odd_levels,
-        )
+        d, L, shift, idx = _encode_iq3k(x, imatrix)
         m = (L.abs() - 1) // 2
         sign = ((L < 0).to(torch.int32) << torch.arange(16, device=x.device, dtype=torch.int32)).sum(-1)
         scales_l = m[..., 0::2] | (m[..., 1::2] << 4)
@@ -210,7 +192,7 @@ def _superblock_refit(w, q, x):
     return A, B
 
 
-def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False, levels=None, d_factors=()):
+def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False):
     """Sections 4.2 / 4.5: IQ4_K-pattern two-pass search with 16-weight sub-blocks and an fp16 d.
 
     x: (rows, n) -> d (rows, nb) float32 (fp16-representable), L (rows, nb, 16) int32 in
@@ -227,13 +209,7 @@ def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False, le
     kmax = scale.abs().argmax(-1, keepdim=True)
     d = -scale.gather(-1, kmax) / lmax  # (rows, nb, 1)
     nonzero = d != 0
-    L, idx = _levels_and_indices(grid, shift, scale, d, xs, lmax, levels)
-    for f in d_factors:  # not in the reference: other super-block scales, kept where the error drops
-        L2, idx2 = _levels_and_indices(grid, shift, scale, d * f, xs, lmax, levels)
-        better = _sb_error(grid, d * f, L2, idx2, xs, w) < _sb_error(grid, d, L, idx, xs, w)
-        d = torch.where(better, d * f, d)
-        L = torch.where(better, L2, L)
-        idx = torch.where(better.unsqueeze(-1), idx2, idx)
+    L, idx = _levels_and_indices(grid, shift, scale, d, xs, lmax)
     q = grid.to(device=x.device, dtype=torch.float32)[idx] * L.unsqueeze(-1)
     A, B = _superblock_refit(w, q, xs)
     d = torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d.squeeze(-1))
@@ -245,21 +221,12 @@ def _encode_bs16(x, imatrix, grid, ntry, lmax, plain_sigma=0.0, polish=False, le
     return d, L, shift, torch.where(keep, idx, torch.zeros_like(idx))
 
 
-def _levels_and_indices(grid, shift, scale, d, xs, lmax, levels):
+def _levels_and_indices(grid, shift, scale, d, xs, lmax):
     """Integer block scales for super-block scale d (rows, nb, 1) and the indices they give."""
     inv_d = 1 / torch.where(d != 0, d, torch.ones_like(d))
-    if levels is None:
-        hi = lmax if lmax == 127 else lmax - 1
-        L = enc.rint(inv_d * scale).clamp(-lmax, hi)  # (rows, nb, 16) float
-    else:
-        L = levels(inv_d * scale)
+    hi = lmax if lmax == 127 else lmax - 1
+    L = enc.rint(inv_d * scale).clamp(-lmax, hi)  # (rows, nb, 16) float
     return L, _indices(grid, shift, d * L, xs)
-
-
-def _sb_error(grid, d, L, idx, xs, w):
-    """Weighted squared error per super-block (rows, nb, 1)."""
-    y = (d * L).unsqueeze(-1) * grid.to(device=xs.device, dtype=torch.float32)[idx]
-    return (w * (xs - y) ** 2).sum((-1, -2)).unsqueeze(-1)
 
 
 def _indices(grid, shift, dl, xs):
@@ -289,12 +256,6 @@ def _pack_six_bit_scales(L: torch.Tensor) -> torch.Tensor:
     return torch.cat([high.sum(-1), sl], dim=-1)
 
 
-def _odd_levels(v: torch.Tensor) -> torch.Tensor:
-    """Nearest odd level in [-31, 31] to v (IQ3_K's L = +-(2m+1), m in 0..15)."""
-    m = enc.rint((v.abs() - 1) * 0.5).clamp(0, 15)
-    return torch.where(v < 0, -(2 * m + 1), 2 * m + 1)
-
-
 def _pack_two_bit_planes(idx: torch.Tensor) -> torch.Tensor:
     """(rows, nb, 16, 16) 2-bit values -> (rows, nb, 64): group b into bits 2*(b%4) of qs[32*(b//4) + j]."""
     g = idx.reshape(*idx.shape[:2], 2, 4, 32)  # (rows, nb, b//4, b%4, j)
@@ -311,3 +272,155 @@ def _pack_nibble_planes(low: torch.Tensor) -> torch.Tensor:
 def _finish_bytes(parts: list[torch.Tensor]) -> torch.Tensor:
     blocks = torch.cat(parts, dim=-1).to(torch.uint8)  # (rows, nb, block_bytes)
     return blocks.reshape(blocks.shape[0], -1)
+
+
+def _search_iq3k(xb, wb):
+    """Pass 1 of quantize_row_iq3_k_impl for 16-blocks (N, 16) -> (scale (N,), shift (N,) int32).
+
+    Candidates in the reference's order: -max/g[0] mapped onto g[0] (and mirrored), then offsets
+    g0 + 2t (t = -3..3) on the base and the shifted grid, each also mirrored; a later candidate must
+    fit strictly better. The winner's indices are then re-picked and its scale refit once.
+    """
+    grid = grids.IQ3NL_VALUES
+    g0, s0 = float(grid[0]), float(grid[8])
+    offs, flags, mirror = [-g0, -g0], [0, 0], [False, True]
+    for t in range(-IQ3K_NTRY, IQ3K_NTRY + 1):
+        for flag, base in ((0, g0), (1, s0)):
+            offs += [2 * t + base] * 2
+            flags += [flag, flag]
+            mirror += [False, True]
+    sumqx, sumq2, amax = enc.candidate_sums(xb, wb, grid, offs, flags, mirror)
+    scale = torch.zeros_like(amax)
+    shift = torch.zeros(amax.shape, dtype=torch.int32, device=xb.device)
+    best = torch.zeros_like(amax)
+    for c, flag in enumerate(flags):
+        sqx, sq2 = sumqx[:, c], sumq2[:, c]
+        ok = (sq2 > 0) if c == 0 else (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = sqx / torch.where(sq2 > 0, sq2, torch.ones_like(sq2))
+        scale, best = torch.where(ok, d, scale), torch.where(ok, d * sqx, best)
+        shift = torch.where(ok, torch.full_like(shift, flag), shift)
+    dead = (amax < 1e-16) | (scale == 0)
+    scale = torch.where(dead, torch.zeros_like(scale), scale)
+    shift = torch.where(dead, torch.zeros_like(shift), shift)
+    return enc._polish(xb, wb, grid, scale, shift), shift
+
+
+def _encode_iq3k(x, imatrix):
+    """quantize_row_iq3_k_impl -> d (rows, nb) fp16-valued, L (rows, nb, 16) odd, shift, idx (into grid).
+
+    Per super-block: d = max|scale|/31, L = +-(2m+1) with m = nearest((|scale|/d - 1)/2) in 0..15,
+    nearest indices, refit of d over the super-block times 1.01. All-zero super-blocks stay zero.
+    """
+    rows, n = x.shape
+    nb = n // QK_K
+    grid = grids.IQ3NL_VALUES
+    xs = x.reshape(rows, nb, 16, 16)
+    w = enc.importance(x.reshape(rows, nb, QK_K), imatrix, 16, plain_sigma=0.25, sigma_factor=IQ3K_SIGMA)
+    w = w.reshape(xs.shape)
+    per_chunk = max(1, enc.CHUNK // (16 * 32))
+    xf, wf = xs.reshape(-1, 16), w.reshape(-1, 16)
+    parts = [
+        _search_iq3k(xf[i : i + per_chunk], wf[i : i + per_chunk]) for i in range(0, xf.shape[0], per_chunk)
+    ]
+    scale = torch.cat([p[0] for p in parts]).reshape(rows, nb, 16)
+    shift = torch.cat([p[1] for p in parts]).reshape(rows, nb, 16)
+    amax = scale.abs().amax(-1, keepdim=True)  # (rows, nb, 1)
+    nonzero = amax > 0
+    d = amax / 31
+    inv_d = 1 / torch.where(nonzero, d, torch.ones_like(d))
+    m = enc.rint(0.5 * enc.fma(inv_d.expand_as(scale), scale.abs(), torch.full_like(scale, -1.0))).clamp(
+        0, 15
+    )
+    L = torch.where(scale < 0, -(2 * m + 1), 2 * m + 1)
+    idx = _indices(grid, shift, d * L, xs)
+    q = grid.to(device=x.device, dtype=torch.float32)[idx] * L.unsqueeze(-1)
+    A, B = _superblock_refit(w, q, xs)
+    d = IQ3K_FUDGE * torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d.squeeze(-1))
+    d = torch.where(nonzero.squeeze(-1), d, torch.zeros_like(d)).clamp(-FP16_MAX, FP16_MAX)  # no inf
+    keep = nonzero.unsqueeze(-1)
+    L = torch.where(nonzero, L, torch.ones_like(L)).to(torch.int32)  # zero bytes decode as L = +1
+    shift = torch.where(nonzero, shift, torch.zeros_like(shift))
+    return d.to(torch.float16).to(torch.float32), L, shift, torch.where(keep, idx, torch.zeros_like(idx))
+
+
+def _iq2k_partitions(device):
+    """Boundaries (i1, i2, i3) of the reference's exhaustive search over a sorted 16-block, in its
+    loop order: runs [0, i1), [i1, i2), [i2, i3), [i3, 16) take the 4 grid values in turn."""
+    combos = [(a, b, c) for a in range(16) for b in range(a, 16) for c in range(b, 16)]
+    return torch.tensor(combos, dtype=torch.int64, device=device).T
+
+
+def _search_iq2k(xb, wb):
+    """Pass 1 of quantize_row_iq2_k_impl for 16-blocks (N, 16) -> (scale (N,), shift (N,) int32).
+
+    Every monotone assignment of the sorted weights to the 4 values (base or shifted grid, either
+    orientation) is scored by (sum wqx)^2 / sum wq^2 (float32 sums as the reference forms them,
+    compared in float64); the first best wins and its scale is sum wqx / sum wq^2.
+    """
+    dev = xb.device
+    amax = xb.abs().amax(-1)
+    order = torch.sort(xb, dim=-1, stable=True).indices  # ties in index order, like std::sort of pairs
+    xs, ws = xb.gather(-1, order), wb.gather(-1, order)
+    cx, cw = [torch.zeros_like(amax)], [torch.zeros_like(amax)]
+    for j in range(16):  # cumulative sums in sorted order
+        cx.append(enc.fma(ws[:, j], xs[:, j], cx[-1]))
+        cw.append(cw[-1] + ws[:, j])
+    cx, cw = torch.stack(cx, -1), torch.stack(cw, -1)  # (N, 17)
+    i1, i2, i3 = _iq2k_partitions(dev)
+    sx = [cx[:, i1] - cx[:, :1], cx[:, i2] - cx[:, i1], cx[:, i3] - cx[:, i2], cx[:, 16:] - cx[:, i3]]
+    sw = [cw[:, i1] - cw[:, :1], cw[:, i2] - cw[:, i1], cw[:, i3] - cw[:, i2], cw[:, 16:] - cw[:, i3]]
+    g = grids.IQ2NL_VALUES.to(device=dev, dtype=torch.float32)
+    sqx, sq2 = [], []
+    for v in (g[:4], g[4:], g[:4].flip(0), g[4:].flip(0)):  # the reference's order per partition
+        # a*v0 + b*v1 + c*v2 + e*v3 as the reference build contracts it (left to right)
+        sqx.append(enc.fma(sx[3], v[3], enc.fma(sx[2], v[2], enc.fma(sx[0], v[0], sx[1] * v[1]))))
+        q2 = enc.fma(sw[0] * v[0], v[0], (sw[1] * v[1]) * v[1])
+        sq2.append(enc.fma(sw[3] * v[3], v[3], enc.fma(sw[2] * v[2], v[2], q2)))
+    sqx, sq2 = torch.stack(sqx, -1).flatten(1), torch.stack(sq2, -1).flatten(1)  # (N, 4K)
+    pos = sq2 > 0
+    score = torch.where(pos, sqx.double() ** 2 / torch.where(pos, sq2, 1).double(), 0)
+    best = score.argmax(-1, keepdim=True)  # first maximum
+    found = (score.gather(-1, best).squeeze(-1) > 0) & (amax >= 1e-16)
+    den = sq2.gather(-1, best).squeeze(-1)
+    d = sqx.gather(-1, best).squeeze(-1) / torch.where(found, den, torch.ones_like(den))
+    shift = (best.squeeze(-1) % 2).to(torch.int32)
+    return torch.where(found, d, torch.zeros_like(d)), torch.where(found, shift, torch.zeros_like(shift))
+
+
+def _encode_iq2k(x, imatrix):
+    """quantize_row_iq2_k_impl -> d (rows, nb) fp16-valued, L (rows, nb, 16) in [-8, 7], shift, idx.
+
+    Per super-block: make_qx_quants gives d; L = nearest(scale/d) in [-8, 7]; nearest indices;
+    refit of d over the super-block times 1.03. Super-blocks where d is 0 stay zero.
+    """
+    rows, n = x.shape
+    nb = n // QK_K
+    grid = grids.IQ2NL_VALUES
+    xs = x.reshape(rows, nb, 16, 16)
+    w = enc.importance(x.reshape(rows, nb, QK_K), imatrix, 16, plain_sigma=0.25, sigma_factor=IQ2K_SIGMA)
+    w = w.reshape(xs.shape)
+    xf, wf = xs.reshape(-1, 16), w.reshape(-1, 16)
+    per_chunk = max(1, enc.CHUNK // (4 * _iq2k_partitions("cpu").shape[1] * 4))
+    parts = [
+        _search_iq2k(xf[i : i + per_chunk], wf[i : i + per_chunk]) for i in range(0, xf.shape[0], per_chunk)
+    ]
+    scale = torch.cat([p[0] for p in parts]).reshape(rows, nb, 16)
+    shift = torch.cat([p[1] for p in parts]).reshape(rows, nb, 16)
+    sw = w[..., 0]
+    for j in range(1, 16):
+        sw = sw + w[..., j]
+    d, _ = enc.make_qx_quants(scale, sw, 8)
+    d = d.unsqueeze(-1)  # (rows, nb, 1)
+    nonzero = d != 0
+    inv_d = 1 / torch.where(nonzero, d, torch.ones_like(d))
+    L = enc.rint(inv_d * scale).clamp(-8, 7)
+    idx = _indices(grid, shift, d * L, xs)
+    used = (d * L != 0).unsqueeze(-1)
+    q = grid.to(device=x.device, dtype=torch.float32)[idx] * L.unsqueeze(-1)
+    A, B = _superblock_refit(torch.where(used, w, torch.zeros_like(w)), q, xs)
+    d = IQ2K_FUDGE * torch.where(B > 0, A / torch.where(B > 0, B, torch.ones_like(B)), d.squeeze(-1))
+    d = torch.where(nonzero.squeeze(-1), d, torch.zeros_like(d)).clamp(-FP16_MAX, FP16_MAX)  # no inf
+    keep = nonzero.unsqueeze(-1) & used
+    L = torch.where(nonzero, L, torch.zeros_like(L)).to(torch.int32)
+    shift = torch.where(nonzero, shift, torch.zeros_like(shift))
+    return d.to(torch.float16).to(torch.float32), L, shift, torch.where(keep, idx, torch.zeros_like(idx))
