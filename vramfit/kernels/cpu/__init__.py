@@ -5,8 +5,8 @@ copy of the weight. The C extension `_qgemm` (built by setup.py; AVX2 or AVX-512
 time) quantizes the activations to 8-bit blocks of 32, as llama.cpp does for its CPU dot products, and
 multiplies them with the weight codes in integer arithmetic (dpbusd / maddubs), accumulating per block
 in float32. Two paths:
-- n <= 8 (decode, AVX-512): fused per-type kernels read the packed rows directly (q4_0, q4_1, q5_0,
-  q5_1, iq4_nl, q8_0, q4_K, q5_K, q6_K, iq4_xs, iq4_ks);
+- n <= 8 (decode, AVX-512): fused per-type kernels read the packed rows directly (every type but
+  q6_0);
 - otherwise (prefill, and the other types): 4 weight rows at a time are unpacked to 8-bit codes plus
   group scales in a small per-thread buffer, then a 4x4 register-blocked micro-kernel walks activation
   rows in chunks that stay in L2.

@@ -3,8 +3,8 @@
  *
  * The activations are quantized as for the tiled path, then their bytes are reordered to follow
  * each format's natural nibble order, so the weights need no shuffles:
- *   SPLIT16 (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, IQ4_KS): per 4 blocks, weights 0..15 of each block, then 16..31;
- *   Q4K (Q4_K, Q5_K): per 256, the 32-blocks in the order 0 2 1 3 4 6 5 7;
+ *   SPLIT16 (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, IQ4_KS, IQ4_K): per 4 blocks, weights 0..15 of each block, then 16..31;
+ *   Q4K (Q4_K, Q5_K, IQ5_KS): per 256, the 32-blocks in the order 0 2 1 3 4 6 5 7;
  *   NATURAL (Q8_0, Q6_K).
  * Scales are handled 4 blocks (legacy) or one super-block (K-quants) at a time in vector registers.
  */
@@ -15,7 +15,8 @@ static int fused_order(int type) {
     switch (type) {
     case QG_Q4_0: case QG_Q4_1: case QG_Q5_0: case QG_Q5_1: case QG_IQ4_NL: return ORD_SPLIT16;
     case QG_IQ4_XS: case QG_IQ4_KS: return ORD_SPLIT16;
-    case QG_Q4_K: case QG_Q5_K: return ORD_Q4K;
+    case QG_Q4_K: case QG_Q5_K: case QG_IQ5_KS: return ORD_Q4K;
+    case QG_IQ4_K: return ORD_SPLIT16;
     case QG_Q8_0: case QG_Q6_K: return ORD_NATURAL;
     default: return -1;
     }
@@ -242,7 +243,7 @@ static inline __attribute__((always_inline)) void dec_kquant(int type, const uin
             t[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);      /* sc 4..7 */
             t[2] = u[1] & 0x3f3f3f3f;                                              /* m 0..3 */
             t[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4); /* m 4..7 */
-            const __m512 scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)t)));
+            const __m512 scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_setr_epi32((int)t[0], (int)t[1], (int)t[2], (int)t[3])));
             const float d = h2f(p), dmin = h2f(p + 2);
             const __m512 sel = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d), _mm512_set1_ps(-dmin));
             const __m512 both = _mm512_mul_ps(scm, sel); /* [d sc 0..7, -dmin m 0..7] */
@@ -292,23 +293,27 @@ static inline __attribute__((always_inline)) void dec_iq4(int type, const uint8_
     const float d_row = type == QG_IQ4_KS ? f32at(row) : 0.0f;
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *p = type == QG_IQ4_KS ? row + 4 + 136 * b : row + 136 * b;
-        int32_t L[8];
         unsigned shift = 0;
         float d;
+        __m256i L8;
         if (type == QG_IQ4_KS) {
             d = d_row;
-            for (int ib = 0; ib < 8; ib++) {
-                L[ib] = (p[ib] & 0xFE) - 127;
-                shift |= (unsigned)(p[ib] & 1) << ib;
-            }
+            uint64_t sc;
+            memcpy(&sc, p, 8);
+            shift = (unsigned)_pext_u64(sc, 0x0101010101010101ULL);
+            L8 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((int64_t)(sc & 0xFEFEFEFEFEFEFEFEULL))),
+                                  _mm256_set1_epi32(127));
         } else {
             d = h2f(p);
             uint16_t sh;
+            uint32_t sl;
             memcpy(&sh, p + 2, 2);
-            for (int ib = 0; ib < 8; ib++)
-                L[ib] = (((p[4 + ib / 2] >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
+            memcpy(&sl, p + 4, 4);
+            /* byte ib: nibble ib of scales_l | 2-bit field ib of scales_h << 4 */
+            const uint64_t ls = _pdep_u64(sl, 0x0F0F0F0F0F0F0F0FULL) | (_pdep_u64(sh, 0x0303030303030303ULL) << 4);
+            L8 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((int64_t)ls)), _mm256_set1_epi32(32));
         }
-        const __m256 dl8 = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)L)));
+        const __m256 dl8 = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(L8));
         for (int h = 0; h < 2; h++) {
             const __m512i v = _mm512_loadu_si512(p + 8 + 64 * h);
             /* the grid of each 128-bit lane (one 32-block) follows its shift bit */
@@ -335,6 +340,128 @@ static inline __attribute__((always_inline)) void dec_iq4(int type, const uint8_
     }
 }
 
+/* IQ5_KS: Q5_K's bit layout, a 32-entry grid per 32-block (shifted or not), f32 row scale */
+static inline __attribute__((always_inline)) void dec_iq5ks(int type, const uint8_t *row, int64_t nsb, const fact *A,
+                                                            const int NY, float *out, int64_t ldo) {
+    (void)type;
+    const __m512i m15 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512(), one = _mm512_set1_epi8(1);
+
+    __m512i lut[2][2]; /* [shift][entries 0..15 / 16..31] */
+    for (int sft = 0; sft < 2; sft++)
+        for (int h = 0; h < 2; h++)
+            lut[sft][h] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(kv_iq5nl_128 + 32 * sft + 16 * h)));
+    static const int pr[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+    __m512i idx[4];
+    for (int i = 0; i < 4; i++) {
+        const int a0 = pr[i][0], a1 = pr[i][1];
+        idx[i] = _mm512_setr_epi32(a0, a0, a0, a0, a0, a0, a0, a0, a1, a1, a1, a1, a1, a1, a1, a1);
+    }
+    __m512 acc[NYMAX];
+    __m256 cacc[NYMAX];
+    for (int j = 0; j < NY; j++) {
+        acc[j] = _mm512_setzero_ps();
+        cacc[j] = _mm256_setzero_ps();
+    }
+    const float d_row = f32at(row);
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *p = row + 4 + 168 * b;
+        uint64_t sc;
+        memcpy(&sc, p, 8);
+        const unsigned shift = (unsigned)_pext_u64(sc, 0x0101010101010101ULL);
+        const __m256i L8 = _mm256_sub_epi32(
+            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((int64_t)(sc & 0xFEFEFEFEFEFEFEFEULL))), _mm256_set1_epi32(127));
+        const __m256 dl8 = _mm256_mul_ps(_mm256_set1_ps(d_row), _mm256_cvtepi32_ps(L8));
+        const __m256 mw8 = _mm256_mul_ps(dl8, _mm256_set1_ps(-128.0f));
+        const __m512i v0 = _mm512_loadu_si512(p + 8), v1 = _mm512_loadu_si512(p + 72);
+        __m512i c[4] = {_mm512_and_si512(v0, m15), _mm512_and_si512(_mm512_srli_epi16(v0, 4), m15),
+                        _mm512_and_si512(v1, m15), _mm512_and_si512(_mm512_srli_epi16(v1, 4), m15)};
+        const __m256i Q = _mm256_loadu_si256((const __m256i *)(p + 136)); /* bit ib of qh[j] */
+        for (int i = 0; i < 4; i++) {
+            const int a0 = pr[i][0], a1 = pr[i][1];
+            const __m512i QQ = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(Q, a0)),
+                                                  _mm256_srli_epi16(Q, a1), 1);
+            const __mmask64 top = _mm512_test_epi8_mask(QQ, one); /* 5th bit: entries 16..31 */
+            /* each 256-bit half is one 32-block with its own grid shift */
+            const __mmask8 ks = (__mmask8)((((shift >> a0) & 1) ? 0x0F : 0) | (((shift >> a1) & 1) ? 0xF0 : 0));
+            const __m512i t_lo = _mm512_mask_blend_epi64(ks, lut[0][0], lut[1][0]);
+            const __m512i t_hi = _mm512_mask_blend_epi64(ks, lut[0][1], lut[1][1]);
+            c[i] = _mm512_mask_blend_epi8(top, _mm512_shuffle_epi8(t_lo, c[i]), _mm512_shuffle_epi8(t_hi, c[i]));
+        }
+        for (int j = 0; j < NY; j++) {
+            const uint8_t *xq = A[j].q + 256 * b;
+            const __m256 dx8 = _mm256_loadu_ps(A[j].dx + 8 * b);
+            const __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(dl8, dx8));
+            cacc[j] = _mm256_fmadd_ps(mw8, _mm256_loadu_ps(A[j].s32 + 8 * b), cacc[j]);
+            for (int i = 0; i < 4; i++) {
+                const __m512i t = _mm512_dpbusd_epi32(zero, c[i], _mm512_loadu_si512(xq + 64 * i));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(idx[i], s), acc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < NY; j++)
+        out[j * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j], _mm512_castps256_ps512(cacc[j])));
+}
+
+/* IQ4_K: IQ4_XS's nibble order with 16-weight sub-blocks: the low nibbles of a 32-block are one
+ * sub-block, the high nibbles the next, each with its own scale and grid shift */
+static inline __attribute__((always_inline)) void dec_iq4k(int type, const uint8_t *row, int64_t nsb, const fact *A,
+                                                           const int NY, float *out, int64_t ldo) {
+    (void)type;
+    const __m512i m15 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    const __m512i lut0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)kv_iq4k_128));
+    const __m512i lut1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(kv_iq4k_128 + 16)));
+    __m512 acc[NYMAX], cacc[NYMAX];
+    for (int j = 0; j < NY; j++) {
+        acc[j] = _mm512_setzero_ps();
+        cacc[j] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *p = row + 144 * b;
+        uint16_t extra;
+        memcpy(&extra, p + 2, 2);
+        uint32_t sh;
+        uint64_t sl;
+        memcpy(&sh, p + 4, 4);
+        memcpy(&sl, p + 8, 8);
+        /* byte k: nibble k of scales_l | 2-bit field k of scales_h << 4 */
+        const __m128i v = _mm_cvtsi64_si128((int64_t)sl);
+        const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(v, _mm_set1_epi8(15)),
+                                              _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15)));
+        const __m128i top = _mm_set_epi64x((int64_t)_pdep_u64(sh >> 16, 0x0303030303030303ULL),
+                                           (int64_t)_pdep_u64(sh & 0xFFFF, 0x0303030303030303ULL));
+        const __m512i L16 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_or_si128(nib, _mm_slli_epi16(top, 4))),
+                                             _mm512_set1_epi32(32));
+        const __m512 dl = _mm512_mul_ps(_mm512_set1_ps(h2f(p)), _mm512_cvtepi32_ps(L16));
+        const __m512 mw = _mm512_mul_ps(dl, _mm512_set1_ps(-128.0f));
+        /* sub-block scales split by parity: even (low nibbles) and odd (high nibbles), 8 each */
+        const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m256 dl_lo = _mm512_castps512_ps256(_mm512_permutexvar_ps(ev, dl));
+        const __m256 dl_hi = _mm512_castps512_ps256(_mm512_permutexvar_ps(od, dl));
+        const unsigned e_lo = _pext_u32(extra, 0x5555), e_hi = _pext_u32(extra, 0xAAAA); /* per 32-block */
+        for (int h = 0; h < 2; h++) {
+            const __m512i v = _mm512_loadu_si512(p + 16 + 64 * h);
+            const __mmask16 k_lo = (__mmask16)(_pdep_u32((e_lo >> (4 * h)) & 15, 0x1111) * 15);
+            const __mmask16 k_hi = (__mmask16)(_pdep_u32((e_hi >> (4 * h)) & 15, 0x1111) * 15);
+            const __m512i lo = _mm512_shuffle_epi8(_mm512_mask_blend_epi32(k_lo, lut0, lut1), _mm512_and_si512(v, m15));
+            const __m512i hi = _mm512_shuffle_epi8(_mm512_mask_blend_epi32(k_hi, lut0, lut1),
+                                                   _mm512_and_si512(_mm512_srli_epi16(v, 4), m15));
+            const __m128 d_lo = h ? _mm256_extractf128_ps(dl_lo, 1) : _mm256_castps256_ps128(dl_lo);
+            const __m128 d_hi = h ? _mm256_extractf128_ps(dl_hi, 1) : _mm256_castps256_ps128(dl_hi);
+            const int64_t g = 8 * b + 4 * h;
+            for (int j = 0; j < NY; j++) {
+                const __m128 dx4 = _mm_loadu_ps(A[j].dx + g);
+                const __m512i t0 = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(A[j].q + 32 * g));
+                const __m512i t1 = _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(A[j].q + 32 * g + 64));
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0), lanes_of4(_mm_mul_ps(d_lo, dx4)), acc[j]);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1), lanes_of4(_mm_mul_ps(d_hi, dx4)), acc[j]);
+            }
+        }
+        for (int j = 0; j < NY; j++) cacc[j] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(A[j].s16 + 16 * b), cacc[j]);
+    }
+    for (int j = 0; j < NY; j++) out[j * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j], cacc[j]));
+}
+
 typedef void (*dec_fn)(const uint8_t *row, int64_t nblocks, const fact *A, float *out, int64_t ldo);
 
 #define DDEF(T, KIND, ny) \
@@ -353,13 +480,15 @@ DDEF4(Q5_K, kquant)
 DDEF4(Q6_K, kquant)
 DDEF4(IQ4_XS, iq4)
 DDEF4(IQ4_KS, iq4)
+DDEF4(IQ5_KS, iq5ks)
+DDEF4(IQ4_K, iq4k)
 #define DROW(T) {dec_##T##_1, dec_##T##_2, dec_##T##_3, dec_##T##_4}
 
 static const dec_fn *pick_dec(int type) {
     static const dec_fn q4_0[4] = DROW(Q4_0), q4_1[4] = DROW(Q4_1), q5_0[4] = DROW(Q5_0), q5_1[4] = DROW(Q5_1),
                         iq4_nl[4] = DROW(IQ4_NL), q8_0[4] = DROW(Q8_0), q4_K[4] = DROW(Q4_K),
                         q5_K[4] = DROW(Q5_K), q6_K[4] = DROW(Q6_K), iq4_xs[4] = DROW(IQ4_XS),
-                        iq4_ks[4] = DROW(IQ4_KS);
+                        iq4_ks[4] = DROW(IQ4_KS), iq5_ks[4] = DROW(IQ5_KS), iq4_k[4] = DROW(IQ4_K);
     switch (type) {
     case QG_Q4_0: return q4_0;
     case QG_Q4_1: return q4_1;
@@ -372,6 +501,8 @@ static const dec_fn *pick_dec(int type) {
     case QG_Q6_K: return q6_K;
     case QG_IQ4_XS: return iq4_xs;
     case QG_IQ4_KS: return iq4_ks;
+    case QG_IQ5_KS: return iq5_ks;
+    case QG_IQ4_K: return iq4_k;
     default: return 0;
     }
 }
