@@ -130,11 +130,20 @@ def attention(q: torch.Tensor, cache: KVCache, layer: int, start: int, scale: fl
     end = start + n
     k = cache.k[layer, :, :end]  # (n_kv_heads, end, head_dim)
     v = cache.v[layer, :, :end]
-    qh = q.transpose(0, 1)  # (n_heads, n, head_dim)
     if n == 1:
-        mask = None  # one new token sees every cached position
-    else:
-        q_pos = torch.arange(start, end)[:, None]
-        mask = torch.arange(end)[None, :] <= q_pos  # (n, end)
+        return _decode_attention(q, k, v, scale)
+    qh = q.transpose(0, 1)  # (n_heads, n, head_dim)
+    q_pos = torch.arange(start, end)[:, None]
+    mask = torch.arange(end)[None, :] <= q_pos  # (n, end)
     out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1).reshape(n, n_heads * head_dim)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token: heads grouped by the kv head they share (head h uses kv head h // group), so
+    no key/value copies are made. q (1, H, D), k/v (KV, T, D) -> (1, H * D)."""
+    n_kv, _, head_dim = k.shape
+    qg = q.view(n_kv, -1, head_dim)  # (KV, G, D)
+    scores = torch.bmm(qg, k.transpose(1, 2)).mul_(scale)  # (KV, G, T)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)  # (KV, G, D)
+    return out.view(1, -1)
