@@ -171,6 +171,7 @@ def test_fallback_decision(monkeypatch):
     if cpu.available():
         assert cpu.supports("q4_K") and cpu.supports("Q8_0") and cpu.supports("iq4_ks")
         assert cpu.isa() in ("avx2", "avx512vnni")
+        assert cpu.supports("q4_K", 512) and not cpu.supports("q4_K", 896) and cpu.supports("q4_0", 896)
     assert not cpu.supports("q2_K") and not cpu.supports("f16")
     monkeypatch.setattr(cpu, "_qgemm", None)
     assert not cpu.available()

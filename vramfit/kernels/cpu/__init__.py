@@ -68,9 +68,12 @@ def set_isa(name: str | None) -> str:
     return ISA_NAMES[_qgemm.set_level(-1 if name is None else ISA_NAMES.index(name))]
 
 
-def supports(type_name: str) -> bool:
-    """Whether qmatmul handles weights of this ggml type (case-insensitive name, e.g. 'q4_K')."""
-    return available() and type_name.lower() in TYPE_IDS
+def supports(type_name: str, k: int | None = None) -> bool:
+    """Whether qmatmul handles weights of this ggml type (case-insensitive name, e.g. 'q4_K'),
+    and, when `k` is given, rows of k weights (a multiple of the type's block size)."""
+    if not available() or type_name.lower() not in TYPE_IDS:
+        return False
+    return k is None or row_nbytes(type_name, k) > 0
 
 
 def row_nbytes(type_name: str, k: int) -> int:
