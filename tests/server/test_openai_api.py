@@ -189,6 +189,50 @@ def test_logprobs_match_a_fresh_engine(client, smol):
     )
 
 
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "hobbies": {"type": "array", "items": {"type": "string"}},
+        "pet": {"enum": ["cat", "dog", None]},
+    },
+    "required": ["name", "age", "hobbies", "pet"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_validates(client):
+    messages = [{"role": "user", "content": "Describe a person as JSON with name, age, hobbies and pet."}]
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=150, response_format=rf, **GREEDY
+    )
+    assert r.choices[0].finish_reason == "stop"
+    person = json.loads(r.choices[0].message.content)
+    assert set(person) == {"name", "age", "hobbies", "pet"}
+    assert isinstance(person["name"], str) and type(person["age"]) is int
+    assert isinstance(person["hobbies"], list) and all(isinstance(h, str) for h in person["hobbies"])
+    assert person["pet"] in ("cat", "dog", None)
+
+
+def test_json_object_output_parses(client):
+    messages = [
+        {"role": "user", "content": "Return a JSON object with a key 'color' set to your favourite color."}
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40,
+                                       response_format={"type": "json_object"}, **GREEDY)  # fmt: skip
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_bad_response_format_schema_is_400(client):
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "tuple"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1, response_format=rf)
+    assert e.value.body["param"] == "response_format" and "tuple" in e.value.body["message"]
+
+
 # -- text completions ------------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ import torch
 from vramfit.runtime.chat_template import ChatTemplateError, render_chat
 from vramfit.runtime.engine import ContextOverflowError, Engine, Stats, _common_prefix
 from vramfit.runtime.sampling import Sampler, SamplingParams
+from vramfit.server.constrain import ANY_OBJECT, JsonConstraint, Node, SchemaError, Vocabulary, compile_schema
 from vramfit.server.parsing import Delta, OutputParser, forced_prefix, tool_format
 from vramfit.server.protocol import (
     APIError,
@@ -56,8 +57,15 @@ class ApiSampler(Sampler):
     """The engine's sampler plus OpenAI's logit_bias (added after the penalties; -100 bans a token)
     and logprobs: log-softmax of the biased, penalized logits before temperature and truncation."""
 
-    def __init__(self, params: SamplingParams, logit_bias: dict[int, float] | None, n_logprobs: int | None):
+    def __init__(
+        self,
+        params: SamplingParams,
+        logit_bias: dict[int, float] | None = None,
+        n_logprobs: int | None = None,
+        constraint: JsonConstraint | None = None,
+    ):
         super().__init__(params)
+        self.constraint = constraint
         self.bias = None
         if logit_bias:
             vals = [-math.inf if b <= -100 else b for b in logit_bias.values()]
@@ -68,7 +76,7 @@ class ApiSampler(Sampler):
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         logits = self.penalize(logits.clone(), history)
-        tok = int(logits.argmax()) if self.p.temperature <= 0 else self.draw(self.truncate(logits))
+        tok = self.constraint.choose(logits, self) if self.constraint else self.pick(logits)
         if self.n_logprobs is not None:
             lp = torch.log_softmax(logits.float(), 0)
             vals, ids = torch.topk(lp, self.n_logprobs) if self.n_logprobs else (lp[:0], lp[:0])
@@ -76,6 +84,10 @@ class ApiSampler(Sampler):
             self.records.append(TokenLogprob(tok, float(lp[tok]), top))
         self.last = tok
         return tok
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """Greedy or a draw after top-k/top-p/min-p, from already penalized logits."""
+        return int(logits.argmax()) if self.p.temperature <= 0 else self.draw(self.truncate(logits))
 
     def penalize(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
         logits = super().penalize(logits, history)
@@ -95,6 +107,7 @@ class Job:
     stops: tuple[str, ...] = ()
     logit_bias: dict[int, float] | None = None
     n_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+    schema: Node | None = None  # response_format: the output must be this JSON
 
 
 @dataclass
@@ -239,7 +252,15 @@ class Serving:
         self.fmt = tool_format(model.chat_template)
         self.metrics = Metrics()
         self.waiting = 0
+        self._vocabulary: Vocabulary | None = None
         self._sem = asyncio.Semaphore(parallel)
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """Token bytes for constrained decoding, built on first use."""
+        if self._vocabulary is None:
+            self._vocabulary = Vocabulary(self.model.tokenizer)
+        return self._vocabulary
 
     @property
     def busy(self) -> int:
@@ -254,10 +275,8 @@ class Serving:
 
     def prepare_chat(self, req: ChatCompletionRequest) -> ChatPlan:
         self.check_model(req.model)
-        if req.response_format and req.response_format.type != "text":
-            raise bad_request(f"response_format {req.response_format.type!r} is not supported yet",
-                              param="response_format")  # fmt: skip
-        use_tools = bool(req.tools) and req.tool_choice != "none"
+        schema = _response_schema(req)
+        use_tools = bool(req.tools) and req.tool_choice != "none" and schema is None
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
         prompt = self.render([_message_dict(m) for m in req.messages], tools, req.chat_template_kwargs)
         prefix = ""
@@ -268,6 +287,7 @@ class Serving:
         prompt += prefix
         n_lp = (req.top_logprobs or 0) if req.logprobs else None
         job = self._job(self.model.tokenize(prompt, special=True), req, n_lp)
+        job.schema = schema
         in_think = prompt.rstrip().endswith("<think>")
         return ChatPlan(job, prefix, tools, use_tools, in_think, req.parallel_tool_calls)
 
@@ -356,7 +376,8 @@ class Serving:
     def _work(self, slot: Slot, job: Job, gen: Generation) -> None:
         """Worker thread: run the engine, hand pieces to the loop, stop when cancelled."""
         self._log_cache(slot, job.prompt_ids)
-        sampler = ApiSampler(job.params, job.logit_bias, job.n_logprobs)
+        constraint = JsonConstraint(job.schema, self.vocabulary) if job.schema is not None else None
+        sampler = ApiSampler(job.params, job.logit_bias, job.n_logprobs, constraint)
         tok = self.model.tokenizer
         events = slot.engine.generate(job.prompt_ids, job.max_tokens, job.params, stop_ids=set(tok.eot_ids),
                                       detok=_Detok(tok), stop_strings=job.stops, stats=gen.stats,
@@ -424,6 +445,18 @@ async def _watch(gen: Generation, disconnected: Callable[[], Awaitable[bool]]) -
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+
+
+def _response_schema(req: ChatCompletionRequest) -> Node | None:
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return ANY_OBJECT
+    try:
+        return compile_schema(rf.json_schema.schema_ or {})
+    except SchemaError as e:
+        raise bad_request(f"response_format json_schema: {e}", param="response_format") from e
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> str | None:
