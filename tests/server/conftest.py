@@ -30,8 +30,8 @@ def smol():
 class ScriptedEngine:
     """Stands in for a slot's Engine: yields the scripted text pieces, records the prompts it got."""
 
-    def __init__(self, pieces: list[str]):
-        self.pieces, self.tokens, self.prompts = pieces, [], []
+    def __init__(self, pieces: list[str], delay: float = 0.0):
+        self.pieces, self.tokens, self.prompts, self.delay = pieces, [], [], delay
 
     def generate(
         self, prompt, max_tokens, params, stop_ids=(), detok=None, stop_strings=(), stats=None, sampler=None
@@ -39,6 +39,7 @@ class ScriptedEngine:
         self.prompts.append(list(prompt))
         stats.prompt_tokens, stats.finish_reason = len(prompt), "stop"
         for i, text in enumerate(self.pieces[:max_tokens]):
+            time.sleep(self.delay)
             stats.generated_tokens += 1
             yield Event(1000 + i, text)
 

@@ -138,6 +138,23 @@ def test_second_turn_reuses_the_first_from_cache(client, smol):
     assert second.usage.prompt_tokens == len(_prompt_ids(smol, turn2))
 
 
+def test_ten_turn_conversation_prefills_only_new_tokens(client, empty_caches):
+    empty_caches()
+    messages: list[dict] = []
+    previous = 0
+    for turn in range(10):
+        messages.append({"role": "user", "content": f"Turn {turn}: say a word."})
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **GREEDY)
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        if turn == 0:
+            assert cached == 0
+        else:  # everything the previous turn sent is reused (its last token is recomputed at most)
+            assert cached >= previous - 1, (turn, cached, previous)
+        previous = r.usage.prompt_tokens
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+    assert previous < CTX
+
+
 def test_stop_string_in_a_stream(client, empty_caches):
     empty_caches()
     base = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=12, **GREEDY)
