@@ -369,8 +369,11 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
     const int64_t r_end = a->N < (tile + 1) * ROWS_PER_ITEM ? a->N : (tile + 1) * ROWS_PER_ITEM;
     const int64_t y0 = chunk * p->nc, y_end = a->n < y0 + p->nc ? a->n : y0 + p->nc;
     const int64_t stride = p->L->stride;
+    /* results go to a [y][16] scratch first and then to `out` a line at a time: the kernel's 4-wide
+     * column writes at a stride of N floats would thrash the L1 sets for large N */
+    float *obuf = (float *)(ubuf + (NWMAX + 1) * stride);
     kargs ka;
-    ka.ldo = a->N;
+    ka.ldo = ROWS_PER_ITEM;
     ka.K = a->K;
     ka.L = p->L;
     for (int64_t r0 = tile * ROWS_PER_ITEM; r0 < r_end; r0 += NWMAX) {
@@ -385,10 +388,12 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
         for (int64_t y = y0; y < y_end; y += NYMAX) {
             const int ny = y_end - y < NYMAX ? (int)(y_end - y) : NYMAX;
             for (int j = 0; j < ny; j++) ka.x[j] = p->act + (y + j) * stride;
-            ka.out = a->out + y * a->N + r0;
+            ka.out = obuf + (y - y0) * ROWS_PER_ITEM + (r0 - tile * ROWS_PER_ITEM);
             (p->split ? kernels_split : kernels)[nw - 1][ny - 1](&ka);
         }
     }
+    const int64_t r0 = tile * ROWS_PER_ITEM, nr = r_end - r0;
+    for (int64_t y = y0; y < y_end; y++) memcpy(a->out + y * a->N + r0, obuf + (y - y0) * ROWS_PER_ITEM, (size_t)nr * 4);
 }
 
 /* activation row j into the plan's layout (split order through the thread's scratch row) */
@@ -412,11 +417,11 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
 #endif
     uint8_t *act = grow(&act_buf, &act_cap, (size_t)(n * L.stride));
     if (!act) return 2;
-    for (int t = 0; t < nth; t++) /* NWMAX unpacked rows and one scratch row */
-        if (!grow(&unp_buf[t], &unp_cap[t], (size_t)((NWMAX + 1) * L.stride))) return 2;
-    /* activation rows per chunk: about 1 MiB of quantized rows, so a chunk stays in L2 */
-    int64_t nc = (1 << 20) / L.stride;
-    nc = nc < NYMAX ? NYMAX : nc - nc % NYMAX;
+    /* activation rows per chunk: 512 KiB of quantized rows, half of a 1 MiB L2 (Zen 4/5) */
+    int64_t nc = (1 << 19) / L.stride;
+    nc = nc < NYMAX ? NYMAX : (nc > 512 ? 512 : nc - nc % NYMAX);
+    for (int t = 0; t < nth; t++) /* NWMAX unpacked rows, one scratch row, the output block */
+        if (!grow(&unp_buf[t], &unp_cap[t], (size_t)((NWMAX + 1) * L.stride + ROWS_PER_ITEM * nc * 4))) return 2;
     plan p = {a, unpack, &L, act, nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, splits(a->type)};
     const int64_t total = ((n + nc - 1) / nc) * p.ntiles;
     int64_t next = 0;
