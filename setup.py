@@ -12,6 +12,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SRC = "vramfit/kernels/cpu/"
+QSRC = "vramfit/quant/cenc/"
 
 
 class OptionalBuildExt(build_ext):
@@ -46,7 +47,14 @@ def _extensions():
             depends=[SRC + f for f in ("qgemm.h", "qgemm_impl.h", "qgemm_unpack.h", "qgemm_decode.h")],
             extra_compile_args=["-O3", "-g0", "-std=gnu11", "-fopenmp", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
-        )
+        ),
+        Extension(  # C quantization encoders (vramfit.quant.fast); exact float order: no contraction
+            "vramfit.quant._cenc",
+            sources=[QSRC + f for f in ("cenc_module.c", "iqk.c", "search_avx2.c")],
+            depends=[QSRC + f for f in ("cenc.h", "cenc_int.h")],
+            extra_compile_args=["-O3", "-g0", "-std=gnu11", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],
+            extra_link_args=["-fopenmp"],
+        ),
     ]
 
 
