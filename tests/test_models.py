@@ -37,6 +37,7 @@ def test_logits_match_reference(loaded):
         np.testing.assert_allclose(lse, ref[f"{text}_logsumexp"], atol=1e-2, rtol=0)
 
 
+@use_backend("reference")  # exact float32: 8-bit activations make any batching change ripple (see below)
 def test_prefill_then_decode_equals_full_forward(loaded):
     _, model = loaded
     ids = [int(i) for i in torch.randint(0, 5000, (20,), generator=torch.Generator().manual_seed(0))]
@@ -51,6 +52,7 @@ def test_prefill_then_decode_equals_full_forward(loaded):
     torch.testing.assert_close(steps[-1], full[-1], atol=2e-4, rtol=1e-4)
 
 
+@use_backend("reference")
 def test_prompt_prefix_is_reused(loaded):
     _, model = loaded
     engine = Engine(model)
