@@ -143,6 +143,7 @@ typedef struct {
     float *out;
     int64_t ldo, K;
     const layout *L;
+    int accum; /* add to out (later K chunks) instead of storing */
 } kargs;
 
 #if QG_W == 256
@@ -261,9 +262,10 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
     for (int r = 0; r < NW; r++) {
         if (NY == 4) { /* four horizontal sums at once */
             const __m128 v = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-            for (int j = 0; j < 4; j++) ka->out[j * ka->ldo + r] = v[j];
+            for (int j = 0; j < 4; j++) ka->out[j * ka->ldo + r] = v[j] + (ka->accum ? ka->out[j * ka->ldo + r] : 0.0f);
         } else {
-            for (int j = 0; j < NY; j++) ka->out[j * ka->ldo + r] = hsum(acc[r][j]);
+            for (int j = 0; j < NY; j++)
+                ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + (ka->accum ? ka->out[j * ka->ldo + r] : 0.0f);
         }
     }
 #else
@@ -271,7 +273,7 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
         for (int j = 0; j < NY; j++) {
             float c = corr_dot((const float *)(ka->w[r] + sm), (const float *)(ka->x[j] + sm), K / 16,
                                (const float *)(ka->w[r] + dl));
-            ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + c;
+            ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + c + (ka->accum ? ka->out[j * ka->ldo + r] : 0.0f);
         }
 #endif
 }
@@ -361,6 +363,8 @@ typedef struct {
     const uint8_t *act;
     int64_t nc, ntiles;
     int split;
+    int64_t kc, nkc;     /* K is walked in nkc chunks of kc weights (the last may be shorter) */
+    int64_t bsize, bbytes; /* weights and bytes per block, to find a chunk inside a packed row */
 } plan;
 
 static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
@@ -374,34 +378,45 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
     float *obuf = (float *)(ubuf + (NWMAX + 1) * stride);
     kargs ka;
     ka.ldo = ROWS_PER_ITEM;
-    ka.K = a->K;
     ka.L = p->L;
-    for (int64_t r0 = tile * ROWS_PER_ITEM; r0 < r_end; r0 += NWMAX) {
-        const int nw = r_end - r0 < NWMAX ? (int)(r_end - r0) : NWMAX;
-        for (int r = 0; r < nw; r++) {
-            uint8_t *u = ubuf + r * stride, *tmp = p->split ? ubuf + NWMAX * stride : u;
-            p->unpack(a->w + (r0 + r) * a->row_nbytes, a->K, tmp, (float *)(tmp + p->L->dl),
-                      (float *)(tmp + p->L->sm));
-            if (p->split) to_split(tmp, u, a->K, p->L);
-            ka.w[r] = u;
-        }
-        for (int64_t y = y0; y < y_end; y += NYMAX) {
-            const int ny = y_end - y < NYMAX ? (int)(y_end - y) : NYMAX;
-            for (int j = 0; j < ny; j++) ka.x[j] = p->act + (y + j) * stride;
-            ka.out = obuf + (y - y0) * ROWS_PER_ITEM + (r0 - tile * ROWS_PER_ITEM);
-            (p->split ? kernels_split : kernels)[nw - 1][ny - 1](&ka);
+    for (int64_t kk = 0; kk < p->nkc; kk++) {
+        const int64_t k0 = kk * p->kc, klen = a->K - k0 < p->kc ? a->K - k0 : p->kc;
+        const int64_t woff = p->nkc > 1 ? k0 / p->bsize * p->bbytes : 0;
+        const uint8_t *act = p->act + kk * a->n * stride;
+        ka.K = klen;
+        ka.accum = kk > 0;
+        for (int64_t r0 = tile * ROWS_PER_ITEM; r0 < r_end; r0 += NWMAX) {
+            const int nw = r_end - r0 < NWMAX ? (int)(r_end - r0) : NWMAX;
+            for (int r = 0; r < nw; r++) {
+                uint8_t *u = ubuf + r * stride, *tmp = p->split ? ubuf + NWMAX * stride : u;
+                p->unpack(a->w + (r0 + r) * a->row_nbytes + woff, klen, tmp, (float *)(tmp + p->L->dl),
+                          (float *)(tmp + p->L->sm));
+                if (p->split) to_split(tmp, u, klen, p->L);
+                ka.w[r] = u;
+            }
+            for (int64_t y = y0; y < y_end; y += NYMAX) {
+                const int ny = y_end - y < NYMAX ? (int)(y_end - y) : NYMAX;
+                for (int j = 0; j < ny; j++) ka.x[j] = act + (y + j) * stride;
+                ka.out = obuf + (y - y0) * ROWS_PER_ITEM + (r0 - tile * ROWS_PER_ITEM);
+                (p->split ? kernels_split : kernels)[nw - 1][ny - 1](&ka);
+            }
         }
     }
     const int64_t r0 = tile * ROWS_PER_ITEM, nr = r_end - r0;
-    for (int64_t y = y0; y < y_end; y++) memcpy(a->out + y * a->N + r0, obuf + (y - y0) * ROWS_PER_ITEM, (size_t)nr * 4);
+    for (int64_t y = y0; y < y_end; y++)
+        memcpy(a->out + y * a->N + r0, obuf + (y - y0) * ROWS_PER_ITEM, (size_t)nr * 4);
 }
 
-/* activation row j into the plan's layout (split order through the thread's scratch row) */
+/* activation row j into the plan's layout, one K chunk after the other (split order through the
+ * thread's scratch row) */
 static void quantize_act(const plan *p, int64_t j, uint8_t *ubuf) {
     const int64_t K = p->a->K, stride = p->L->stride;
-    uint8_t *dst = (uint8_t *)p->act + j * stride, *tmp = p->split ? ubuf + NWMAX * stride : dst;
-    quantize_row(p->a->x + j * K, K, tmp, p->L);
-    if (p->split) to_split(tmp, dst, K, p->L);
+    for (int64_t kk = 0; kk < p->nkc; kk++) {
+        const int64_t k0 = kk * p->kc, klen = K - k0 < p->kc ? K - k0 : p->kc;
+        uint8_t *dst = (uint8_t *)p->act + (kk * p->a->n + j) * stride, *tmp = p->split ? ubuf + NWMAX * stride : dst;
+        quantize_row(p->a->x + j * K + k0, klen, tmp, p->L);
+        if (p->split) to_split(tmp, dst, klen, p->L);
+    }
 }
 
 int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
@@ -409,20 +424,26 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
     unpack_fn unpack = pick_unpack(a->type);
     if (!unpack || K <= 0 || K % 32 || qg_row_nbytes(a->type, K) != a->row_nbytes) return 1;
     if (n <= 0 || N <= 0) return 0;
-    const layout L = make_layout(K);
     int nth = a->nthreads < 1 ? 1 : (a->nthreads > MAXTHREADS ? MAXTHREADS : a->nthreads);
     if ((double)n * N * K < 200000.0) nth = 1; /* too small to pay for waking a thread */
 #if QG_W == 512
     if (n <= 8 && pick_dec(a->type)) return fused_matmul(a, nth);
 #endif
-    uint8_t *act = grow(&act_buf, &act_cap, (size_t)(n * L.stride));
+    /* long rows are walked in chunks of 1024 weights, so that many activation rows fit the L2 and
+     * each unpacked weight chunk serves them all (not for types with a scale in front of the row) */
+    const int row_meta = a->type == QG_IQ4_KS || a->type == QG_IQ5_KS;
+    const int64_t kc = K > 3072 && !row_meta ? 2048 : K, nkc = (K + kc - 1) / kc;
+    const int64_t bsize = qg_row_nbytes(a->type, 32) ? 32 : 256;
+    const layout L = make_layout(kc);
+    uint8_t *act = grow(&act_buf, &act_cap, (size_t)(nkc * n * L.stride));
     if (!act) return 2;
     /* activation rows per chunk: 512 KiB of quantized rows, half of a 1 MiB L2 (Zen 4/5) */
     int64_t nc = (1 << 19) / L.stride;
     nc = nc < NYMAX ? NYMAX : (nc > 512 ? 512 : nc - nc % NYMAX);
     for (int t = 0; t < nth; t++) /* NWMAX unpacked rows, one scratch row, the output block */
         if (!grow(&unp_buf[t], &unp_cap[t], (size_t)((NWMAX + 1) * L.stride + ROWS_PER_ITEM * nc * 4))) return 2;
-    plan p = {a, unpack, &L, act, nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, splits(a->type)};
+    plan p = {a, unpack, &L, act, nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, splits(a->type),
+              kc, nkc, bsize, qg_row_nbytes(a->type, bsize)};
     const int64_t total = ((n + nc - 1) / nc) * p.ntiles;
     int64_t next = 0;
     /* few rows: quantize here, so that the threads start without a barrier */
