@@ -3,7 +3,8 @@
 For each type: n=1 (decode matvec) time and GB/s of packed weight bytes read, and n=512 (prefill)
 GFLOP/s, for vramfit.kernels.cpu.qmatmul and for the reference path of vramfit.kernels.dispatch
 (the weight decoded once to float32 and cached, then `x @ W.T`). Min-of-N timing, since the machine
-may be shared. Run:  .venv/bin/python bench/kernel_speed.py [-t 2] [--rows 4096] [--cols 4096]
+may be shared (with -t 1 the thread's CPU time, which ignores time spent descheduled).
+Run:  .venv/bin/python bench/kernel_speed.py [-t 2] [--rows 4096] [--cols 4096]
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from vramfit.kernels import cpu
 DEFAULT_TYPES = "q4_0,q4_1,q5_0,q8_0,iq4_nl,q4_K,q5_K,q6_K,iq4_xs,iq4_ks,iq4_k,iq5_ks"
 
 
+CLOCK = time.perf_counter  # with one thread: time.thread_time, immune to being descheduled
+
+
 def best_time(fn, reps: int) -> float:
     fn()
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, CLOCK() - t)
     return best
 
 
@@ -72,7 +76,12 @@ def main() -> None:
     if not cpu.available():
         raise SystemExit("fast CPU kernels are not built for this machine")
     torch.set_num_threads(args.threads)
-    print(f"{args.rows}x{args.cols} weights, {args.threads} threads, ISA {cpu.isa()}, min of {args.reps}")
+    global CLOCK
+    if args.threads == 1:
+        CLOCK = time.thread_time
+    clock = "thread CPU time" if args.threads == 1 else "wall time"
+    shape = f"{args.rows}x{args.cols} weights"
+    print(f"{shape}, {args.threads} threads, ISA {cpu.isa()}, min of {args.reps}, {clock}")
     print(
         f"{'type':8} {'bpw':>5} | {'n=1 us':>8} {'GB/s':>6} {'ref us':>8} {'x':>5} |"
         f" {'n=512 GFLOP/s':>13} {'ref':>6} {'x':>5}"

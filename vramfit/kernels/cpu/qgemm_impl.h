@@ -365,6 +365,7 @@ typedef struct {
     int split;
     int64_t kc, nkc;     /* K is walked in nkc chunks of kc weights (the last may be shorter) */
     int64_t bsize, bbytes; /* weights and bytes per block, to find a chunk inside a packed row */
+    int row_meta;          /* bytes of row scale in front of the blocks (IQ4_KS, IQ5_KS) */
 } plan;
 
 static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
@@ -375,7 +376,7 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
     const int64_t stride = p->L->stride;
     /* results go to a [y][16] scratch first and then to `out` a line at a time: the kernel's 4-wide
      * column writes at a stride of N floats would thrash the L1 sets for large N */
-    float *obuf = (float *)(ubuf + (NWMAX + 1) * stride);
+    float *obuf = (float *)(ubuf + (NWMAX + 2) * stride);
     kargs ka;
     ka.ldo = ROWS_PER_ITEM;
     ka.L = p->L;
@@ -389,8 +390,14 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
             const int nw = r_end - r0 < NWMAX ? (int)(r_end - r0) : NWMAX;
             for (int r = 0; r < nw; r++) {
                 uint8_t *u = ubuf + r * stride, *tmp = p->split ? ubuf + NWMAX * stride : u;
-                p->unpack(a->w + (r0 + r) * a->row_nbytes + woff, klen, tmp, (float *)(tmp + p->L->dl),
-                          (float *)(tmp + p->L->sm));
+                const uint8_t *src = a->w + (r0 + r) * a->row_nbytes + woff;
+                if (p->row_meta && woff) { /* the chunk's blocks behind a copy of the row scale */
+                    uint8_t *packed = ubuf + (NWMAX + 1) * stride;
+                    memcpy(packed, a->w + (r0 + r) * a->row_nbytes, (size_t)p->row_meta);
+                    memcpy(packed + p->row_meta, src + p->row_meta, (size_t)(klen / p->bsize * p->bbytes));
+                    src = packed;
+                }
+                p->unpack(src, klen, tmp, (float *)(tmp + p->L->dl), (float *)(tmp + p->L->sm));
                 if (p->split) to_split(tmp, u, klen, p->L);
                 ka.w[r] = u;
             }
@@ -429,21 +436,21 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
 #if QG_W == 512
     if (n <= 8 && pick_dec(a->type)) return fused_matmul(a, nth);
 #endif
-    /* long rows are walked in chunks of 1024 weights, so that many activation rows fit the L2 and
-     * each unpacked weight chunk serves them all (not for types with a scale in front of the row) */
-    const int row_meta = a->type == QG_IQ4_KS || a->type == QG_IQ5_KS;
-    const int64_t kc = K > 3072 && !row_meta ? 2048 : K, nkc = (K + kc - 1) / kc;
+    /* long rows are walked in chunks of 2048 weights, so that many activation rows fit the L2 and
+     * each unpacked weight chunk serves them all */
+    const int64_t kc = K > 3072 ? 2048 : K, nkc = (K + kc - 1) / kc;
     const int64_t bsize = qg_row_nbytes(a->type, 32) ? 32 : 256;
+    const int row_meta = (int)(2 * qg_row_nbytes(a->type, bsize) - qg_row_nbytes(a->type, 2 * bsize));
     const layout L = make_layout(kc);
     uint8_t *act = grow(&act_buf, &act_cap, (size_t)(nkc * n * L.stride));
     if (!act) return 2;
     /* activation rows per chunk: 512 KiB of quantized rows, half of a 1 MiB L2 (Zen 4/5) */
     int64_t nc = (1 << 19) / L.stride;
     nc = nc < NYMAX ? NYMAX : (nc > 512 ? 512 : nc - nc % NYMAX);
-    for (int t = 0; t < nth; t++) /* NWMAX unpacked rows, one scratch row, the output block */
-        if (!grow(&unp_buf[t], &unp_cap[t], (size_t)((NWMAX + 1) * L.stride + ROWS_PER_ITEM * nc * 4))) return 2;
-    plan p = {a, unpack, &L, act, nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, splits(a->type),
-              kc, nkc, bsize, qg_row_nbytes(a->type, bsize)};
+    for (int t = 0; t < nth; t++) /* NWMAX unpacked rows, two scratch rows, the output block */
+        if (!grow(&unp_buf[t], &unp_cap[t], (size_t)((NWMAX + 2) * L.stride + ROWS_PER_ITEM * nc * 4))) return 2;
+    plan p = {a,   unpack, &L,    act,   nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, splits(a->type),
+              kc,  nkc,    bsize, qg_row_nbytes(a->type, bsize) - row_meta, row_meta};
     const int64_t total = ((n + nc - 1) / nc) * p.ntiles;
     int64_t next = 0;
     /* few rows: quantize here, so that the threads start without a barrier */
