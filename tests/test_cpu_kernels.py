@@ -188,3 +188,7 @@ def test_bad_arguments():
         cpu.qmatmul(torch.zeros(1, 512, dtype=torch.float64), packed, "q4_0")
     with pytest.raises(ValueError):
         cpu.qmatmul(torch.zeros(1, 512), packed, "q4_0", out=torch.empty(2, 4))
+    with pytest.raises(ValueError):
+        cpu.qmatmul(torch.zeros(1, 512), torch.zeros(4, 2 * 18 * 16, dtype=torch.uint8)[:, ::2], "q4_0")
+    x = torch.randn(512, 3).T  # a non-contiguous activation is copied
+    assert torch.equal(cpu.qmatmul(x, packed, "q4_0"), cpu.qmatmul(x.contiguous(), packed, "q4_0"))

@@ -99,8 +99,9 @@ def qmatmul(
     tid = TYPE_IDS[type_name.lower()]
     if x.dtype != torch.float32 or packed.dtype != torch.uint8:
         raise TypeError("qmatmul expects float32 activations and uint8 packed rows")
-    if not (x.is_contiguous() and packed.is_contiguous()):
-        raise ValueError("qmatmul expects contiguous tensors")
+    if not packed.is_contiguous():
+        raise ValueError("qmatmul expects contiguous packed rows")
+    x = x.contiguous()  # no copy when it already is
     if out is None:
         out = torch.empty((n, rows), dtype=torch.float32)
     elif out.shape != (n, rows) or out.dtype != torch.float32 or not out.is_contiguous():
