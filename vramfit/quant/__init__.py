@@ -29,7 +29,7 @@ def decode(type_name: str, data: np.ndarray | torch.Tensor, n_per_row: int) -> n
     return codec.decode(raw, n_per_row).numpy()
 
 
-_C_SAFE_MAX = 1e18  # "auto" sends larger (or NaN) inputs to the torch codecs
+_C_SAFE_MAX = 1e6  # "auto" sends larger (or NaN) inputs to the torch codecs
 
 
 def encode(type_name: str, x: np.ndarray | torch.Tensor, imatrix=None, backend: str = "auto") -> np.ndarray:
@@ -38,7 +38,7 @@ def encode(type_name: str, x: np.ndarray | torch.Tensor, imatrix=None, backend: 
     backend: "torch" (the reference codecs), "c" (the C encoders of `vramfit.quant.fast`; raises
     when the type has none or the extension is not built) or "auto" (C where available, for CPU
     inputs, else torch). Both give the same bytes. "auto" keeps inputs with non-finite values or
-    magnitudes >= 1e18 (whose squares overflow float32 sums) on torch, whose NaN propagation the C
+    magnitudes >= 1e6 (where fp16 scales and float32 sums overflow) on torch, whose NaN propagation the C
     code does not replicate.
     """
     if backend not in ("auto", "torch", "c"):

@@ -28,8 +28,19 @@ def types() -> list[str]:
     return sorted(_TYPES)
 
 
+_KQUANTS = frozenset({"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"})
+
+
 def supports(name: str) -> bool:
-    return name.lower() in _TYPES
+    """True when the type has a C encoder that matches the torch encoder as configured now (the
+    K-quant C encoders implement kquants.REFIT = True only)."""
+    key = name.lower()
+    if key in _KQUANTS:
+        from vramfit.quant import kquants
+
+        if not kquants.REFIT:
+            return False
+    return key in _TYPES
 
 
 def set_simd(flag: bool) -> bool:

@@ -23,4 +23,12 @@ void ce_iq4_ks_row(const float *x, int64_t n, const float *imat, uint8_t *out);
 void ce_iq5_ks_row(const float *x, int64_t n, const float *imat, uint8_t *out);
 void ce_iq4_k_row(const float *x, int64_t n, const float *imat, uint8_t *out);
 void ce_iq5_k_row(const float *x, int64_t n, const float *imat, uint8_t *out);
+void ce_legacy_init(void);
+void ce_q8_0_row(const float *x, int64_t n, const float *imat, uint8_t *out);
+void ce_q4_0_row(const float *x, int64_t n, const float *imat, uint8_t *out);
+void ce_q5_0_row(const float *x, int64_t n, const float *imat, uint8_t *out);
+void ce_q6_0_row(const float *x, int64_t n, const float *imat, uint8_t *out);
+void ce_iq4_nl_row(const float *x, int64_t n, const float *imat, uint8_t *out);
+void ce_iq4_xs_row(const float *x, int64_t n, const float *imat, uint8_t *out);
+void ce_q6_k_row(const float *x, int64_t n, const float *imat, uint8_t *out);
 #endif

@@ -18,6 +18,13 @@ static const ce_type TYPES[] = {
     {"iq5_ks", 256, 4, 168, ce_iq5_ks_row},
     {"iq4_k", 256, 0, 144, ce_iq4_k_row},
     {"iq5_k", 256, 0, 176, ce_iq5_k_row},
+    {"q8_0", 32, 0, 34, ce_q8_0_row},
+    {"q4_0", 32, 0, 18, ce_q4_0_row},
+    {"q5_0", 32, 0, 22, ce_q5_0_row},
+    {"q6_0", 32, 0, 26, ce_q6_0_row},
+    {"iq4_nl", 32, 0, 18, ce_iq4_nl_row},
+    {"iq4_xs", 256, 0, 136, ce_iq4_xs_row},
+    {"q6_k", 256, 0, 210, ce_q6_k_row},
 };
 #define NTYPES ((int)(sizeof(TYPES) / sizeof(TYPES[0])))
 
@@ -116,6 +123,7 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_cenc", NULL, -1,
 
 PyMODINIT_FUNC PyInit__cenc(void) {
     ce_iqk_init();
+    ce_legacy_init();
     set_simd(1);
     return PyModule_Create(&moduledef);
 }
