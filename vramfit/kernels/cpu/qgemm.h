@@ -42,6 +42,12 @@ typedef struct {
 /* 0 when the type/row length is not handled, else the bytes per row the kernel expects */
 int64_t qg_row_nbytes(int type, int64_t K);
 
+/* Run task(arg, tid) on nth threads, tid 0 being the caller; returns when every thread that
+ * entered the task has left it. Workers that are slow to wake (descheduled, asleep) may skip the
+ * task entirely, so tasks must share their work through atomic counters, not fixed slices. */
+typedef void (*qg_task)(void *arg, int tid);
+void qg_parallel(qg_task task, void *arg, int nth);
+
 /* per-ISA entry points; return 0 on success, nonzero on bad arguments/allocation failure */
 int qg_matmul_avx2(const qg_args *a);
 int qg_matmul_avx512(const qg_args *a);

@@ -10,10 +10,10 @@
  *      (AVX2) weights an integer dot product per 4-weight lane, converted to float and scaled by
  *      dwl * dxl; the group offsets add sum_g mw[g] * xs[g].
  * Unpacking costs O(K) per weight row and is shared by all activation rows of a tile, which are
- * walked in chunks that fit the L2 cache. Threads take 16-row work items from an atomic counter.
+ * walked in chunks that fit the L2 cache. Threads (qg_parallel, qgemm_module.c) take 16-row work
+ * items from an atomic counter.
  */
 #include <stdlib.h>
-#include <omp.h>
 #include "qgemm.h"
 #include "qgemm_unpack.h"
 
@@ -316,6 +316,21 @@ static void run_dec_item(const dplan *p, int64_t tile) {
         }
 }
 
+typedef struct {
+    const dplan *p;
+    int64_t next; /* next tile to claim */
+} djob;
+
+static void dec_task(void *arg, int tid) {
+    (void)tid;
+    djob *job = (djob *)arg;
+    for (;;) {
+        const int64_t t = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (t >= job->p->ntiles) break;
+        run_dec_item(job->p, t);
+    }
+}
+
 /* n <= 8: fused kernels straight from the packed rows */
 static int fused_matmul(const qg_args *a, int nth) {
     const int64_t n = a->n, K = a->K;
@@ -338,17 +353,8 @@ static int fused_matmul(const qg_args *a, int nth) {
         p.A[j].s32 = (const float *)(dst + F.s32);
         p.A[j].s16 = (const float *)(dst + F.s16);
     }
-    if (nth == 1) {
-        for (int64_t t = 0; t < p.ntiles; t++) run_dec_item(&p, t);
-        return 0;
-    }
-    int64_t next = 0;
-#pragma omp parallel num_threads(nth)
-    for (;;) {
-        const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-        if (t >= p.ntiles) break;
-        run_dec_item(&p, t);
-    }
+    djob job = {&p, 0};
+    qg_parallel(dec_task, &job, nth);
     return 0;
 }
 #endif
@@ -426,6 +432,33 @@ static void quantize_act(const plan *p, int64_t j, uint8_t *ubuf) {
     }
 }
 
+typedef struct {
+    const plan *p;
+    int64_t total;              /* work items */
+    int64_t next, q_next, q_done; /* next item to claim; activation rows claimed / quantized */
+    int quant_inside;
+} gjob;
+
+/* one thread's share: quantize activation rows, wait until all are, then take work items. A thread
+ * that starts late finds the work taken and returns: nobody waits for a descheduled thread except
+ * for rows it has claimed. */
+static void gemm_task(void *arg, int tid) {
+    gjob *job = (gjob *)arg;
+    if (job->quant_inside) {
+        int64_t j;
+        while ((j = __atomic_fetch_add(&job->q_next, 1, __ATOMIC_RELAXED)) < job->p->a->n) {
+            quantize_act(job->p, j, unp_buf[tid]);
+            __atomic_fetch_add(&job->q_done, 1, __ATOMIC_RELEASE);
+        }
+        while (__atomic_load_n(&job->q_done, __ATOMIC_ACQUIRE) < job->p->a->n) _mm_pause();
+    }
+    for (;;) {
+        const int64_t it = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (it >= job->total) break;
+        run_item(job->p, it, unp_buf[tid]);
+    }
+}
+
 int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
     const int64_t n = a->n, K = a->K, N = a->N;
     unpack_fn unpack = pick_unpack(a->type);
@@ -451,28 +484,10 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
         if (!grow(&unp_buf[t], &unp_cap[t], (size_t)((NWMAX + 2) * L.stride + ROWS_PER_ITEM * nc * 4))) return 2;
     plan p = {a,   unpack, &L,    act,   nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, splits(a->type),
               kc,  nkc,    bsize, qg_row_nbytes(a->type, bsize) - row_meta, row_meta};
-    const int64_t total = ((n + nc - 1) / nc) * p.ntiles;
-    int64_t next = 0;
-    /* few rows: quantize here, so that the threads start without a barrier */
-    const int quant_inside = nth > 1 && n > 8;
-    if (!quant_inside)
+    /* few rows: quantize here, so that the threads start without waiting for each other */
+    gjob job = {&p, ((n + nc - 1) / nc) * p.ntiles, 0, 0, 0, nth > 1 && n > 8};
+    if (!job.quant_inside)
         for (int64_t j = 0; j < n; j++) quantize_act(&p, j, unp_buf[0]);
-    if (nth == 1) {
-        for (int64_t it = 0; it < total; it++) run_item(&p, it, unp_buf[0]);
-        return 0;
-    }
-#pragma omp parallel num_threads(nth)
-    {
-        const int tid = omp_get_thread_num();
-        if (quant_inside) {
-#pragma omp for schedule(static)
-            for (int64_t j = 0; j < n; j++) quantize_act(&p, j, unp_buf[tid]);
-        }
-        for (;;) {
-            const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-            if (it >= total) break;
-            run_item(&p, it, unp_buf[tid]);
-        }
-    }
+    qg_parallel(gemm_task, &job, nth);
     return 0;
 }

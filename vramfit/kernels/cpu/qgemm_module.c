@@ -3,10 +3,19 @@
  * Compiled without ISA flags; the AVX2 and AVX-512 bodies live in their own translation units and
  * are chosen here with __builtin_cpu_supports. Arguments are plain integers (tensor data pointers),
  * so a call costs well under a microsecond of binding overhead.
+ *
+ * Threads: a small pool of its own (not OpenMP). Between calls a worker spins for a short while,
+ * then yields, then sleeps on a condition variable. The caller always works too, and a worker that
+ * arrives after all the work is claimed just leaves: on a busy machine a descheduled worker costs
+ * at most its own claimed share, never a barrier wait.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <xmmintrin.h>
 #include "qgemm.h"
 
 static int detected = -1; /* 0 none, 1 AVX2, 2 AVX-512 VNNI */
@@ -48,6 +57,104 @@ int64_t qg_row_nbytes(int type, int64_t K) {
     case QG_IQ5_KS: return k256 ? 4 + 168 * b256 : 0;
     default: return 0;
     }
+}
+
+
+/* ------------------------------------------------------------------------------------------------
+ * thread pool */
+
+#define POOL_MAX 64
+#define SPIN_NS 20000   /* busy-wait this long for the next task (decode calls come every few us) */
+#define YIELD_NS 20000  /* then yield the core until this long before sleeping */
+
+static struct {
+    pthread_t th[POOL_MAX];
+    int nworkers;
+    atomic_uint seq;     /* task number, bumped to publish a task */
+    atomic_uint open;    /* the task number workers may still enter, 0 when closed */
+    atomic_int active;   /* workers inside (or entering) the task */
+    atomic_int sleepers; /* workers blocked on cv */
+    qg_task task;
+    void *arg;
+    int want;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static unsigned wait_task(unsigned seen) {
+    unsigned s;
+    const int64_t t0 = now_ns();
+    for (int i = 0;; i++) {
+        if ((s = atomic_load(&pool.seq)) != seen) return s;
+        if (i % 64) {
+            _mm_pause();
+            continue;
+        }
+        const int64_t dt = now_ns() - t0;
+        if (dt < SPIN_NS) continue;
+        if (dt < YIELD_NS) {
+            sched_yield();
+            continue;
+        }
+        pthread_mutex_lock(&pool.mu);
+        atomic_fetch_add(&pool.sleepers, 1);
+        while ((s = atomic_load(&pool.seq)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+        atomic_fetch_sub(&pool.sleepers, 1);
+        pthread_mutex_unlock(&pool.mu);
+        return s;
+    }
+}
+
+static void *worker_main(void *p) {
+    const int tid = (int)(intptr_t)p;
+    unsigned seen = atomic_load(&pool.seq);
+    for (;;) {
+        seen = wait_task(seen);
+        atomic_fetch_add(&pool.active, 1);
+        /* enter only while the caller has not closed this task (it then waits for `active`) */
+        if (atomic_load(&pool.open) == seen && tid < pool.want) pool.task(pool.arg, tid);
+        atomic_fetch_sub(&pool.active, 1);
+    }
+    return NULL;
+}
+
+void qg_parallel(qg_task task, void *arg, int nth) {
+    if (nth > POOL_MAX) nth = POOL_MAX;
+    while (pool.nworkers < nth - 1) { /* workers 1..nth-1, started on first use */
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        const int ok = pthread_create(&pool.th[pool.nworkers], &at, worker_main, (void *)(intptr_t)(pool.nworkers + 1)) == 0;
+        pthread_attr_destroy(&at);
+        if (!ok) break;
+        pool.nworkers++;
+    }
+    if (nth > pool.nworkers + 1) nth = pool.nworkers + 1;
+    if (nth <= 1) {
+        task(arg, 0);
+        return;
+    }
+    pool.task = task;
+    pool.arg = arg;
+    pool.want = nth;
+    unsigned s = atomic_load(&pool.seq) + 1;
+    if (s == 0) s = 1; /* 0 means closed */
+    atomic_store(&pool.open, s);
+    atomic_store(&pool.seq, s);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    task(arg, 0);
+    atomic_store(&pool.open, 0);
+    while (atomic_load(&pool.active) > 0) _mm_pause();
 }
 
 static PyObject *py_cpu_level(PyObject *self, PyObject *args) {
