@@ -10,7 +10,9 @@ in float32. Two paths:
 - otherwise (prefill, and the other types): 4 weight rows at a time are unpacked to 8-bit codes plus
   group scales in a small per-thread buffer, then a 4x4 register-blocked micro-kernel walks activation
   rows in chunks that stay in L2.
-Output rows are split across `threads` OpenMP threads (torch's own libgomp, so no second pool).
+Output rows are shared by `threads` threads of the extension's own small pool through an atomic
+work counter; the caller works too, and a worker that wakes late (busy machine) skips the call instead
+of making the caller wait at a barrier.
 
 Accuracy: the only approximation is that 8-bit activation quantization. Against the reference
 `x @ decode(W).T`, each output is within 3e-2 of the scale |x| * |w_row| / sqrt(K) (typical errors
