@@ -60,7 +60,8 @@ def importance(
         return fma(xs, xs, plain_sigma * sigma2)
     imat = imatrix.to(device=xs.device, dtype=torch.float32).reshape(1, n_sb, QK_K).expand(rows, -1, -1)
     imat = _qhelper(imat, xs, block)
-    return imat * torch.sqrt(fma(xs, xs, sigma2))
+    # torch's float32 sqrt is not correctly rounded on every CPU; through float64 it is
+    return imat * torch.sqrt(fma(xs, xs, sigma2).double()).float()
 
 
 def _qhelper(imat: torch.Tensor, xs: torch.Tensor, block: int) -> torch.Tensor:
