@@ -64,8 +64,8 @@ int64_t qg_row_nbytes(int type, int64_t K) {
  * thread pool */
 
 #define POOL_MAX 64
-#define SPIN_NS 20000   /* busy-wait this long for the next task (decode calls come every few us) */
-#define YIELD_NS 20000  /* then yield the core until this long before sleeping */
+#define SPIN_NS 30000   /* busy-wait this long for the next task (decode calls come every few us) */
+#define YIELD_NS 200000 /* then yield the core (to other busy threads) until this long, then sleep */
 
 static struct {
     pthread_t th[POOL_MAX];
