@@ -121,6 +121,19 @@ def test_random_rows(type_name, k, isa):
 
 
 @needs_ext
+@pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q6_0", "iq4_nl"])
+def test_odd_row_lengths(type_name, isa):
+    """32-weight types on rows that are not a multiple of 64, 128 or 256 weights (tails everywhere)."""
+    gen = torch.Generator().manual_seed(4)
+    for k in (32, 96, 576, 1056, 3104):
+        packed = random_rows(type_name, 9, k, gen)
+        dense = torch.from_numpy(quant.decode(type_name, packed, k))
+        for n in (1, 3, 11):
+            x = torch.randn(n, k, generator=gen)
+            check(cpu.qmatmul(x, packed, type_name, threads=2), x, dense)
+
+
+@needs_ext
 @pytest.mark.parametrize("type_name", TYPES)
 def test_reference_vectors(type_name, isa):
     """The reference library's own encodings (8 rows x 1024) of Gaussian and real SmolLM2 weights."""

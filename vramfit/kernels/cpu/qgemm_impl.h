@@ -82,9 +82,22 @@ static void to_split(const uint8_t *src, uint8_t *dst, int64_t K, const layout *
     memcpy(dst + L->sm, src + L->sm, (size_t)(K / 16) * sizeof(float));
 }
 
-static int splits(int type) {
-    return QG_W == 512 && type != QG_Q6_K && type != QG_IQ4_K; /* every type with 32-weight scales */
+/* The kernel variant (`variant` of the plan, SPLIT of `kern`):
+ *   AVX-512: 1 = split order, for every type with 32-weight scales;
+ *   AVX2:    1 = codes below 128 (4/5/6-bit types), multiplied as they are, without the sign trick. */
+static int variant(int type) {
+#if QG_W == 512
+    return type != QG_Q6_K && type != QG_IQ4_K;
+#else
+    switch (type) {
+    case QG_Q4_0: case QG_Q4_1: case QG_Q5_0: case QG_Q5_1: case QG_Q6_0: case QG_Q4_K: case QG_Q5_K: case QG_Q6_K:
+        return 1;
+    default: return 0;
+    }
+#endif
 }
+
+#define SPLIT_LAYOUT (QG_W == 512) /* whether variant 1 reorders rows into the split order */
 
 /* ---------------------------------------------------------------------------------------------
  * activation quantization */
@@ -146,15 +159,7 @@ typedef struct {
     int accum; /* add to out (later K chunks) instead of storing */
 } kargs;
 
-#if QG_W == 256
-static inline __attribute__((always_inline)) float corr_dot(const float *mw, const float *xs, int64_t G,
-                                                            const float *dwl) {
-    /* sum_g mw[g] * xs[g]; the AVX2 kernel biases codes by 128, so it adds 128 * dw per group */
-    float s = 0.0f;
-    for (int64_t g = 0; g < G; g++) s += (mw[g] + 128.0f * dwl[4 * g]) * xs[g];
-    return s;
-}
-#endif
+
 
 #if QG_W == 512
 static inline __attribute__((always_inline)) float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -226,9 +231,26 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
     __m256 acc[NWMAX][NYMAX];
     for (int r = 0; r < NW; r++)
         for (int j = 0; j < NY; j++) acc[r][j] = _mm256_setzero_ps();
-    (void)SPLIT;
     const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-    for (int64_t k = 0; k < K; k += 32) {
+    if (SPLIT) { /* codes < 128: maddubs cannot saturate (2 * 127 * 127 < 32768) */
+        for (int64_t k = 0; k < K; k += 32) {
+            __m256i w[NWMAX];
+            __m256 s[NWMAX];
+            for (int r = 0; r < NW; r++) {
+                w[r] = _mm256_loadu_si256((const __m256i *)(ka->w[r] + k));
+                s[r] = _mm256_loadu_ps((const float *)(ka->w[r] + dl) + k / 4);
+            }
+            for (int j = 0; j < NY; j++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(ka->x[j] + k));
+                const __m256 dv = _mm256_loadu_ps((const float *)(ka->x[j] + dl) + k / 4);
+                for (int r = 0; r < NW; r++) {
+                    __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones);
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(s[r], dv), acc[r][j]);
+                }
+            }
+        }
+    }
+    for (int64_t k = 0; !SPLIT && k < K; k += 32) {
         __m256i a[NWMAX], sg[NWMAX];
         __m256 s[NWMAX];
         for (int r = 0; r < NW; r++) {
@@ -269,12 +291,20 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
         }
     }
 #else
-    for (int r = 0; r < NW; r++)
+    /* group offsets: the sign-trick kernel (SPLIT == 0) multiplies the true signed values, and those
+     * types' offsets are exactly -128 * scale, so only the small-code kernel has any to add */
+    for (int64_t g = 0; SPLIT && g < K / 16; g += 8) {
+        const __m256i mg = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(K / 16 - g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 mwv[NWMAX];
+        for (int r = 0; r < NW; r++) mwv[r] = _mm256_maskload_ps((const float *)(ka->w[r] + sm) + g, mg);
         for (int j = 0; j < NY; j++) {
-            float c = corr_dot((const float *)(ka->w[r] + sm), (const float *)(ka->x[j] + sm), K / 16,
-                               (const float *)(ka->w[r] + dl));
-            ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + c + (ka->accum ? ka->out[j * ka->ldo + r] : 0.0f);
+            const __m256 xsv = _mm256_maskload_ps((const float *)(ka->x[j] + sm) + g, mg);
+            for (int r = 0; r < NW; r++) acc[r][j] = _mm256_fmadd_ps(mwv[r], xsv, acc[r][j]);
         }
+    }
+    for (int r = 0; r < NW; r++)
+        for (int j = 0; j < NY; j++)
+            ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + (ka->accum ? ka->out[j * ka->ldo + r] : 0.0f);
 #endif
 }
 
@@ -395,7 +425,7 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
         for (int64_t r0 = tile * ROWS_PER_ITEM; r0 < r_end; r0 += NWMAX) {
             const int nw = r_end - r0 < NWMAX ? (int)(r_end - r0) : NWMAX;
             for (int r = 0; r < nw; r++) {
-                uint8_t *u = ubuf + r * stride, *tmp = p->split ? ubuf + NWMAX * stride : u;
+                uint8_t *u = ubuf + r * stride, *tmp = SPLIT_LAYOUT && p->split ? ubuf + NWMAX * stride : u;
                 const uint8_t *src = a->w + (r0 + r) * a->row_nbytes + woff;
                 if (p->row_meta && woff) { /* the chunk's blocks behind a copy of the row scale */
                     uint8_t *packed = ubuf + (NWMAX + 1) * stride;
@@ -404,7 +434,7 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
                     src = packed;
                 }
                 p->unpack(src, klen, tmp, (float *)(tmp + p->L->dl), (float *)(tmp + p->L->sm));
-                if (p->split) to_split(tmp, u, klen, p->L);
+                if (SPLIT_LAYOUT && p->split) to_split(tmp, u, klen, p->L);
                 ka.w[r] = u;
             }
             for (int64_t y = y0; y < y_end; y += NYMAX) {
@@ -426,9 +456,10 @@ static void quantize_act(const plan *p, int64_t j, uint8_t *ubuf) {
     const int64_t K = p->a->K, stride = p->L->stride;
     for (int64_t kk = 0; kk < p->nkc; kk++) {
         const int64_t k0 = kk * p->kc, klen = K - k0 < p->kc ? K - k0 : p->kc;
-        uint8_t *dst = (uint8_t *)p->act + (kk * p->a->n + j) * stride, *tmp = p->split ? ubuf + NWMAX * stride : dst;
+        uint8_t *dst = (uint8_t *)p->act + (kk * p->a->n + j) * stride;
+        uint8_t *tmp = SPLIT_LAYOUT && p->split ? ubuf + NWMAX * stride : dst;
         quantize_row(p->a->x + j * K + k0, klen, tmp, p->L);
-        if (p->split) to_split(tmp, dst, klen, p->L);
+        if (SPLIT_LAYOUT && p->split) to_split(tmp, dst, klen, p->L);
     }
 }
 
@@ -482,7 +513,7 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
     nc = nc < NYMAX ? NYMAX : (nc > 512 ? 512 : nc - nc % NYMAX);
     for (int t = 0; t < nth; t++) /* NWMAX unpacked rows, two scratch rows, the output block */
         if (!grow(&unp_buf[t], &unp_cap[t], (size_t)((NWMAX + 2) * L.stride + ROWS_PER_ITEM * nc * 4))) return 2;
-    plan p = {a,   unpack, &L,    act,   nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, splits(a->type),
+    plan p = {a,   unpack, &L,    act,   nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, variant(a->type),
               kc,  nkc,    bsize, qg_row_nbytes(a->type, bsize) - row_meta, row_meta};
     /* few rows: quantize here, so that the threads start without waiting for each other */
     gjob job = {&p, ((n + nc - 1) / nc) * p.ntiles, 0, 0, 0, nth > 1 && n > 8};
