@@ -23,10 +23,11 @@ from vramfit.runtime.tokenizer import Tokenizer
 class Model:
     """A loaded GGUF model with its tokenizer, chat template and one generation engine."""
 
-    def __init__(self, path: str | Path, n_ctx: int | None = None):
+    def __init__(self, path: str | Path, n_ctx: int | None = None, kv_type=None):
+        """kv_type: KV cache storage, a `KVSpec`, "q8_0", "q8_0/q6_0" or None (float32)."""
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
-        self.model, _ = load_model(self.path, n_ctx, gguf=self.gguf)
+        self.model, _ = load_model(self.path, n_ctx, gguf=self.gguf, kv_type=kv_type)
         self.config = self.model.cfg
         self.tokenizer = Tokenizer(self.gguf.metadata)
         self.chat_template = template_from_metadata(self.gguf.metadata)
@@ -115,6 +116,7 @@ class _Detok:
         return self._dec.flush()
 
 
-def load(path_or_name: str | Path, n_ctx: int | None = None) -> Model:
-    """Open a GGUF by path, short name (`smollm2-135m`, ...) or `hf:OWNER/REPO/FILE.gguf`."""
-    return Model(resolve(str(path_or_name)), n_ctx)
+def load(path_or_name: str | Path, n_ctx: int | None = None, kv_type=None) -> Model:
+    """Open a GGUF by path, short name (`smollm2-135m`, ...) or `hf:OWNER/REPO/FILE.gguf`.
+    kv_type: KV cache storage ("q8_0", "q8_0/q6_0", a `vramfit.model.kvcache.KVSpec`); default float32."""
+    return Model(resolve(str(path_or_name)), n_ctx, kv_type)

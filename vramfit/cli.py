@@ -20,6 +20,16 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: min(train, 4096))")
 
 
+def _add_kv(p: argparse.ArgumentParser) -> None:
+    kv = "f32 f16 bf16 q8_0 q6_0 q5_0 q4_0 iq4_nl"
+    p.add_argument("-ctk", "--ctk", "--cache-type-k", dest="ctk", default="f32", help=f"K cache type: {kv}")
+    p.add_argument(
+        "-ctv", "--ctv", "--cache-type-v", dest="ctv", default=None, help="V cache type (default: as K)"
+    )
+    p.add_argument("-khad", "--khad", action="store_true", help="Hadamard-rotate K in the cache")
+    p.add_argument("-vhad", "--vhad", action="store_true", help="Hadamard-rotate V in the cache")
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
     p.add_argument("--temp", type=float, default=0.8, help="temperature (0 = greedy)")
@@ -57,11 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_kv(p)
     _add_sampling(p)
 
     p = sub.add_parser("chat", help="interactive chat that keeps history")
     _add_model(p)
     p.add_argument("-s", "--system", default=None, help="system message")
+    _add_kv(p)
     _add_sampling(p)
     p.set_defaults(n_predict=512)
 
@@ -87,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer or x-api-key)")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="CORS origin (repeatable)")
 
+    p = sub.add_parser("plan", help="memory plan: what fits in VRAM (weights, KV cache, state, workspace)")
+    p.add_argument("model", help="GGUF path or short name")
+    p.add_argument("--vram", default="auto", help="device memory: 16GiB, 12000MiB, auto (the GPU's), cpu")
+    p.add_argument("--ctx", default="max", help="context length per sequence, or max (default)")
+    p.add_argument("--parallel", type=int, default=1, help="sequences held at the same time")
+    p.add_argument("--ctk", default="auto", help="K cache type (f16 bf16 q8_0 q6_0 q5_0 q4_0 iq4_nl) or auto")
+    p.add_argument("--ctv", default=None, help="V cache type (default: as --ctk)")
+    p.add_argument("--offload", action="store_true", help="allow weights in host memory when they do not fit")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("make-random", help="a random but valid GGUF with a real model's shapes and type mix")
+    p.add_argument("output", help="GGUF file to write")
+    p.add_argument("--arch", default="qwen35", choices=["llama", "qwen35"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "8b", "27b"])
+    p.add_argument("--type", default="IQ4_KS", help="mix (IQ4_KS, Q4_K_M ...), type, or sokann-4.151")
+    p.add_argument("--custom-q", default=None, help='"regex=type,..." rules; the first match wins')
+    p.add_argument("--seed", type=int, default=0)
+
     from vramfit.quant.verbs import add_parsers  # imatrix, quantize, perplexity
 
     add_parsers(sub)
@@ -96,21 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd(verb: str) -> Callable[[argparse.Namespace], int]:
     from vramfit import commands
 
-    return getattr(commands, f"cmd_{verb}")
+    return getattr(commands, f"cmd_{verb.replace('-', '_')}")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vramfit.gguf import GGUFError, UnknownTypeError
     from vramfit.hub import PullError
+    from vramfit.model.kvcache import KVTypeError
     from vramfit.model.loader import ModelError
     from vramfit.quant import UnsupportedTypeError
     from vramfit.runtime.chat_template import ChatTemplateError
     from vramfit.runtime.engine import ContextOverflowError
+    from vramfit.runtime.planner import PlanError
     from vramfit.runtime.tokenizer import TokenizerError
 
     return (
         GGUFError, UnknownTypeError, PullError, ModelError, UnsupportedTypeError, ChatTemplateError,
-        ContextOverflowError, TokenizerError, FileNotFoundError, PermissionError, IsADirectoryError,
+        ContextOverflowError, TokenizerError, PlanError, KVTypeError, FileNotFoundError, PermissionError,
+        IsADirectoryError,
         *_quality_errors(),
     )  # fmt: skip
 

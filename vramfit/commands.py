@@ -28,8 +28,13 @@ def _load(args: argparse.Namespace):
     from vramfit.hub import resolve
 
     path = resolve(args.model)
+    kv = {}
+    if getattr(args, "ctk", None):
+        from vramfit.model.kvcache import KVSpec
+
+        kv["kv_type"] = KVSpec.parse(args.ctk, args.ctv, args.khad, args.vhad)
     with _status(f"loading {path.name}"):
-        return Model(path, args.ctx)
+        return Model(path, args.ctx, **kv)
 
 
 def _print_stats(m) -> None:
@@ -205,3 +210,28 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from vramfit.quant.verbs import cmd_perplexity
 
     return cmd_perplexity(args)
+
+
+def cmd_make_random(args: argparse.Namespace) -> int:
+    import time
+
+    from vramfit.model.random_model import random_model_spec, write_random_model
+
+    spec = random_model_spec(args.arch, args.preset, args.type, args.custom_q)
+    for note in spec.notes:
+        err.print(f"[dim]{note}[/dim]")
+    t0 = time.perf_counter()
+    with _status(f"writing {args.output}"):
+        size = write_random_model(spec, args.output, args.seed)
+    bpw, secs = 8 * spec.nbytes / spec.n_params, time.perf_counter() - t0
+    out.print(
+        f"{args.output}: {spec.arch} {spec.preset}, {spec.n_params / 1e9:.3f} B parameters, "
+        f"{size / 2**30:.3f} GiB ({bpw:.3f} bpw), {len(spec.tensors)} tensors, {secs:.1f} s"
+    )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vramfit.runtime.plan_cli import run_plan
+
+    return run_plan(args, out, err)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vramfit.kernels.dispatch import QWeight, linear
+from vramfit.model.kvcache import KVSpec, KVStore
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,23 +103,34 @@ def neox_to_pairs(head_dim: int, rope_dim: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for one sequence: (n_layer, n_kv_heads, n_ctx, head_dim) each."""
+    """Preallocated keys and values for one sequence: (n_layer, n_kv_heads, n_ctx, head_dim) each.
+
+    `dtype` is a torch float dtype or a `KVSpec` (block-quantized K/V, Hadamard rotations; see
+    model/kvcache.py); `k`/`v` hold the stored form, `keys`/`values` give float32."""
 
     def __init__(self, n_layer: int, n_kv_heads: int, head_dim: int, n_ctx: int, dtype=torch.float32):
-        shape = (n_layer, n_kv_heads, n_ctx, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.spec = KVSpec.of(dtype)
+        self.spec.check(head_dim)
+        s = self.spec
+        self.k_store = KVStore(s.k, n_layer, n_kv_heads, n_ctx, head_dim, s.k_hadamard)
+        self.v_store = KVStore(s.v, n_layer, n_kv_heads, n_ctx, head_dim, s.v_hadamard)
+        self.k, self.v = self.k_store.data, self.v_store.data
         self.n_ctx = n_ctx
 
     @staticmethod
     def bytes_per_token(n_layer: int, n_kv_heads: int, head_dim: int, dtype=torch.float32) -> int:
-        return 2 * n_layer * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        return KVSpec.of(dtype).bytes_per_token(n_layer, n_kv_heads, head_dim)
 
     def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: (n_tokens, n_kv_heads, head_dim) at positions start..start+n_tokens-1."""
-        n = k.shape[0]
-        self.k[layer, :, start : start + n] = k.transpose(0, 1)
-        self.v[layer, :, start : start + n] = v.transpose(0, 1)
+        self.k_store.write(layer, start, k)
+        self.v_store.write(layer, start, v)
+
+    def keys(self, layer: int, end: int) -> torch.Tensor:
+        return self.k_store.read(layer, end)
+
+    def values(self, layer: int, end: int) -> torch.Tensor:
+        return self.v_store.read(layer, end)
 
 
 def attention(q: torch.Tensor, cache: KVCache, layer: int, start: int, scale: float) -> torch.Tensor:
@@ -128,15 +140,21 @@ def attention(q: torch.Tensor, cache: KVCache, layer: int, start: int, scale: fl
     """
     n, n_heads, head_dim = q.shape
     end = start + n
-    k = cache.k[layer, :, :end]  # (n_kv_heads, end, head_dim)
-    v = cache.v[layer, :, :end]
+    k = cache.keys(layer, end)  # (n_kv_heads, end, head_dim)
+    v = cache.values(layer, end)
+    if cache.k_store.rotation is not None:  # keys are stored rotated: rotate q too
+        q = q @ cache.k_store.rotation
     if n == 1:
-        return _decode_attention(q, k, v, scale)
-    qh = q.transpose(0, 1)  # (n_heads, n, head_dim)
-    q_pos = torch.arange(start, end)[:, None]
-    mask = torch.arange(end)[None, :] <= q_pos  # (n, end)
-    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1).reshape(n, n_heads * head_dim)
+        out = _decode_attention(q, k, v, scale)
+    else:
+        qh = q.transpose(0, 1)  # (n_heads, n, head_dim)
+        q_pos = torch.arange(start, end)[:, None]
+        mask = torch.arange(end)[None, :] <= q_pos  # (n, end)
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = out.transpose(0, 1).reshape(n, n_heads * head_dim)
+    if cache.v_store.rotation is not None:  # values are stored rotated: rotate the output back
+        out = (out.view(n, n_heads, head_dim) @ cache.v_store.rotation).reshape(n, n_heads * head_dim)
+    return out
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from vramfit.gguf import GGUFFile
 from vramfit.kernels.dispatch import QWeight
+from vramfit.model.kvcache import KVSpec
 from vramfit.quant import UnsupportedTypeError, get_codec
 
 # general.architecture -> "module:Class", imported only when used
@@ -100,8 +101,9 @@ def model_class(arch: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def load_model(path: str | Path, n_ctx: int | None = None, gguf: GGUFFile | None = None):
-    """Returns (model, gguf). n_ctx defaults to min(training context, 4096)."""
+def load_model(path: str | Path, n_ctx: int | None = None, gguf: GGUFFile | None = None, kv_type=None):
+    """Returns (model, gguf). n_ctx defaults to min(training context, 4096); kv_type is the KV cache
+    storage (see model/kvcache.py: "q8_0", "q8_0/q6_0", a KVSpec; default float32)."""
     gguf = gguf or GGUFFile(path)
     md = gguf.metadata
     arch = md.get("general.architecture")
@@ -111,4 +113,8 @@ def load_model(path: str | Path, n_ctx: int | None = None, gguf: GGUFFile | None
     n_vocab = len(md.get("tokenizer.ggml.tokens", [])) or 0
     cfg = cls.config_class.from_metadata(md, n_vocab)
     n_ctx = n_ctx or min(cfg.n_ctx_train, 4096)
-    return cls(cfg, WeightSource(gguf), n_ctx), gguf
+    kv = KVSpec.of(kv_type)
+    kv.check(cfg.head_dim)  # before the weights are touched
+    model = cls(cfg, WeightSource(gguf), n_ctx)
+    model.kv_type = kv  # new_cache() allocates this storage
+    return model, gguf

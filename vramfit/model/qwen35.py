@@ -144,7 +144,7 @@ class HybridState:
 
     supports_truncate = False
 
-    def __init__(self, cfg: Qwen35Config, n_ctx: int, kv_dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: Qwen35Config, n_ctx: int, kv_dtype=torch.float32):  # dtype or KVSpec
         dn = cfg.deltanet
         n_rec = sum(cfg.is_recurrent(i) for i in range(cfg.n_layer))
         self.kv = KVCache(cfg.n_layer - n_rec, cfg.n_head_kv, cfg.head_dim, n_ctx, kv_dtype)
@@ -353,7 +353,7 @@ class Qwen35Model:
         return blk
 
     def new_cache(self) -> HybridState:
-        return HybridState(self.cfg, self.n_ctx)
+        return HybridState(self.cfg, self.n_ctx, getattr(self, "kv_type", None))
 
     def forward(self, tokens: torch.Tensor, cache: HybridState, start: int) -> torch.Tensor:
         """tokens (n,) int64 at positions start..start+n-1 -> hidden states (n, n_embd).
