@@ -52,7 +52,14 @@ def _extensions():
             "vramfit.quant._cenc",
             sources=[QSRC + f for f in ("cenc_module.c", "iqk.c", "legacy.c", "search_avx2.c")],
             depends=[QSRC + f for f in ("cenc.h", "cenc_int.h")],
-            extra_compile_args=["-O3", "-g0", "-std=gnu11", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],
+            extra_compile_args=[
+                "-O3",
+                "-g0",
+                "-std=gnu11",
+                "-fopenmp",
+                "-fno-math-errno",
+                "-ffp-contract=off",
+            ],
             extra_link_args=["-fopenmp"],
         ),
     ]
