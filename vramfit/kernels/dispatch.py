@@ -47,7 +47,9 @@ def use_backend(name: str):
 def _fast(w: QWeight, x: torch.Tensor) -> bool:
     if _backend == "reference" or x.device.type != "cpu" or w._dense is not None:
         return False
-    return cpu_kernels.available() and cpu_kernels.supports(w.gtype.name)
+    if w._cpu_ok is None:  # decided once per weight: type and row length
+        w._cpu_ok = cpu_kernels.supports(w.gtype.name, w.shape[1])
+    return w._cpu_ok
 
 
 class QWeight:
@@ -59,6 +61,7 @@ class QWeight:
         self.shape = shape  # (out_features, in_features)
         self.name = name
         self._dense: torch.Tensor | None = None
+        self._cpu_ok: bool | None = None  # whether the fused CPU kernels take this weight
 
     def dense(self) -> torch.Tensor:
         """float32 (out_features, in_features), decoded once and cached."""
