@@ -19,6 +19,20 @@ from vramfit.quant import get_codec
 
 BACKENDS = ("auto", "reference", "cpu")
 _backend = "auto"
+_threads = torch.get_num_threads()  # threads for the fused kernels (their own pool, not torch's)
+
+
+def set_threads(n: int) -> None:
+    """Threads for the fused CPU kernels and for torch's own prefill ops (decode runs torch on one)."""
+    global _threads
+    if n < 1:
+        raise ValueError("threads must be >= 1")
+    _threads = n
+    torch.set_num_threads(n)
+
+
+def get_threads() -> int:
+    return _threads
 
 
 def set_backend(name: str) -> None:
@@ -91,7 +105,9 @@ def linear(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None = None) -> tor
         observe(w, x)
     if _fast(w, x):
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        y = cpu_kernels.qmatmul(flat, w.packed, w.gtype.name).view(*x.shape[:-1], w.shape[0])
+        y = cpu_kernels.qmatmul(flat, w.packed, w.gtype.name, threads=_threads).view(
+            *x.shape[:-1], w.shape[0]
+        )
         return y if bias is None else y.add_(bias)
     y = x @ w.dense().T
     return y if bias is None else y + bias
