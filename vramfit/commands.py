@@ -28,6 +28,10 @@ def _load(args: argparse.Namespace):
     from vramfit.hub import resolve
 
     path = resolve(args.model)
+    if getattr(args, "threads", None):
+        from vramfit.kernels.dispatch import set_threads
+
+        set_threads(args.threads)
     kv = {}
     if getattr(args, "ctk", None):
         from vramfit.model.kvcache import KVSpec
