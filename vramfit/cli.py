@@ -18,7 +18,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         "model", help="GGUF path, short name (smollm2-135m, qwen2.5-coder-0.5b, ...) or hf:OWNER/REPO/FILE"
     )
     p.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: min(train, 4096))")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's, the cores)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
 def _add_kv(p: argparse.ArgumentParser) -> None:
