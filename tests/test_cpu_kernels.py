@@ -216,3 +216,13 @@ def test_bad_arguments():
         cpu.qmatmul(torch.zeros(1, 512), torch.zeros(4, 2 * 18 * 16, dtype=torch.uint8)[:, ::2], "q4_0")
     x = torch.randn(512, 3).T  # a non-contiguous activation is copied
     assert torch.equal(cpu.qmatmul(x, packed, "q4_0"), cpu.qmatmul(x.contiguous(), packed, "q4_0"))
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 576), (7, 896), (3, 14, 64), (2, 5120)])
+def test_rms_norm_matches_torch(shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=gen) * 3
+    w = torch.randn(shape[-1], generator=gen)
+    want = torch.nn.functional.rms_norm(x.double(), (shape[-1],), w.double(), 1e-6).float()
+    torch.testing.assert_close(cpu.rms_norm(x, w, 1e-6), want, atol=1e-5, rtol=1e-5)

@@ -95,6 +95,14 @@ class QWeight:
         return self.packed.numel()
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: one C call on the fast CPU path, torch's op otherwise."""
+    fast = _backend != "reference" and x.device.type == "cpu" and cpu_kernels.available()
+    if fast and x.dtype == torch.float32 and x.is_contiguous() and weight.is_contiguous():
+        return cpu_kernels.rms_norm(x, weight, eps)
+    return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
+
+
 # Callables (weight, x) that see every matrix input; the imatrix collector registers one here.
 input_observers: list = []
 

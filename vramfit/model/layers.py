@@ -14,12 +14,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vramfit.kernels import dispatch
 from vramfit.kernels.dispatch import QWeight, linear
 from vramfit.model.kvcache import KVSpec, KVStore
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, weight.shape, weight, eps)
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight of {weight.shape[0]} for rows of {x.shape[-1]}")
+    return dispatch.rms_norm(x, weight, eps)
 
 
 def swiglu(x: torch.Tensor, w_gate: QWeight, w_up: QWeight, w_down: QWeight) -> torch.Tensor:

@@ -113,4 +113,12 @@ def qmatmul(
     return out
 
 
-__all__ = ["available", "isa", "qmatmul", "row_nbytes", "set_isa", "supports"]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of a contiguous float32 CPU tensor, in one C call."""
+    out = torch.empty_like(x)
+    k = x.shape[-1]
+    _qgemm.rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // k, k, float(eps))
+    return out
+
+
+__all__ = ["available", "isa", "qmatmul", "rms_norm", "row_nbytes", "set_isa", "supports"]
