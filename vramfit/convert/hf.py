@@ -1,10 +1,17 @@
-"""Hugging Face safetensors folder (llama, qwen2, qwen3) -> a source for the quantize pipeline.
+"""Hugging Face safetensors folder (llama, qwen2, qwen3, qwen3_5) -> a source for the quantize pipeline.
 
 Tensor names, shapes and metadata follow llama.cpp's convert_hf_to_gguf.py: `blk.N.attn_q.weight` and
 so on, 1-D tensors stored as float32, llama's q/k rows permuted so that its "norm" RoPE (adjacent
 pairs) matches HF's rotate-half, and a byte-level BPE tokenizer from tokenizer.json (tokens padded to
 the model's vocab size, added tokens typed control / user-defined, merges as "a b"). Every shard is
 checked before any work; tensors are read lazily, one at a time.
+
+Qwen3.5 / 3.6 (`qwen3_5`, text or the VLM wrapper whose text weights sit under `model.language_model.`)
+becomes llama.cpp's `qwen35` as its conversion/qwen.py writes it: the +1 of the zero-centred norms
+folded in (not into the gated `linear_attn.norm`), `ssm_a` = -exp(A_log), `ssm_dt.bias` = dt_bias,
+the conv squeezed to (channels, kernel) and kept F32, and the DeltaNet value heads reordered from
+HF's grouped order [k0v0 k0v1 .. k1v0 ..] to the tiled order [k0v0 k1v0 .. k0v1 ..] that ggml's
+broadcast of the key heads expects. Vision tower and MTP weights are left out.
 """
 
 from __future__ import annotations
@@ -21,13 +28,23 @@ from gguf.constants import GGUFValueType as VT
 
 from vramfit.gguf.types import GGMLType, type_by_name
 
-ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}
+ARCHS = {
+    "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+    "Qwen3_5ForCausalLM": "qwen35", "Qwen3_5ForConditionalGeneration": "qwen35",
+}  # fmt: skip
+MODEL_TYPES = {"qwen3_5": "qwen35", "qwen3_5_text": "qwen35"}
+PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "qwen35": "qwen35"}
 _LAYER = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}  # fmt: skip
+_QWEN35_LAYER = {
+    **_LAYER, "post_attention_layernorm": "post_attention_norm",
+    "linear_attn.in_proj_qkv": "attn_qkv", "linear_attn.in_proj_z": "attn_gate",
+    "linear_attn.in_proj_b": "ssm_beta", "linear_attn.in_proj_a": "ssm_alpha",
+    "linear_attn.conv1d": "ssm_conv1d", "linear_attn.norm": "ssm_norm", "linear_attn.out_proj": "ssm_out",
 }  # fmt: skip
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}  # fmt: skip
@@ -46,6 +63,8 @@ class HFTensor:
     shape: tuple[int, ...]
     type: GGMLType  # what tensor_bytes gives: float32 for vectors, the checkpoint's dtype otherwise
     permute_heads: int = 0  # llama q/k: number of heads to permute over
+    fix: str = ""  # qwen35 value transform: "norm+1", "neg_exp", "conv"
+    tile: tuple[int, int, int, int] | None = None  # qwen35 (dim, first index, n_k, head size) to tile
 
     @property
     def n_elements(self) -> int:
@@ -60,12 +79,18 @@ class HFTensor:
         return self.type.nbytes(self.shape)
 
 
-def gguf_name(hf: str) -> str | None:
+def gguf_name(hf: str, arch: str = "llama") -> str | None:
+    """The GGUF name of a HF tensor, None for tensors that are not written (vision, MTP, buffers)."""
+    if hf.startswith("model.language_model."):  # the text model inside a VLM wrapper
+        hf = "model." + hf[len("model.language_model.") :]
     if hf in _GLOBAL:
         return _GLOBAL[hf]
+    table = _QWEN35_LAYER if arch == "qwen35" else _LAYER
+    if arch == "qwen35" and (m := re.fullmatch(r"model\.layers\.(\d+)\.linear_attn\.(A_log|dt_bias)", hf)):
+        return f"blk.{m.group(1)}." + ("ssm_a" if m.group(2) == "A_log" else "ssm_dt.bias")
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
-    if m and m.group(2) in _LAYER:
-        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in table:
+        return f"blk.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -77,10 +102,14 @@ class HFSource:
     def __init__(self, folder: Path):
         self.folder = folder
         self.config = _read_json(folder / "config.json")
+        # the text model's hyperparameters: a VLM wrapper (qwen3_5) nests them under text_config
+        self.text = self.config.get("text_config") or self.config
         arch_cls = (self.config.get("architectures") or ["?"])[0]
-        if arch_cls not in ARCHS:
-            raise ConvertError(f"{folder}: unsupported architecture {arch_cls} (llama, qwen2, qwen3)")
-        self.arch = ARCHS[arch_cls]
+        self.arch = ARCHS.get(arch_cls) or MODEL_TYPES.get(self.config.get("model_type", ""))
+        if self.arch is None:
+            raise ConvertError(
+                f"{folder}: unsupported architecture {arch_cls} (llama, qwen2, qwen3, qwen3_5)"
+            )
         self.tensors = self._tensor_table(_shards(folder))
         self.metadata: dict[str, Any] = {}
         self.metadata_types: dict[str, tuple[VT, VT | None]] = {}
@@ -92,13 +121,13 @@ class HFSource:
     def _tensor_table(self, shards: list[Path]) -> dict[str, HFTensor]:
         from safetensors import safe_open
 
-        c = self.config
+        c = self.text
         n_head, n_kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
         out: dict[str, HFTensor] = {}
         for f in shards:
             with safe_open(f, framework="pt") as st:
                 for hf in st.keys():
-                    name = gguf_name(hf)
+                    name = gguf_name(hf, self.arch)
                     if name is None:
                         continue
                     sl = st.get_slice(hf)
@@ -109,12 +138,43 @@ class HFSource:
                     heads = 0
                     if self.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
                         heads = n_head if ".attn_q." in name else n_kv
-                    out[name] = HFTensor(name, hf, f, shape, t, heads)
-        if c.get("tie_word_embeddings") and "output.weight" in out:
+                    extra = self._qwen35_fix(name, shape) if self.arch == "qwen35" else {}
+                    if extra.get("fix") == "conv":  # (C, 1, K) -> (C, K), kept F32 like llama.cpp
+                        shape, t = (shape[0], shape[-1]), type_by_name("f32")
+                    out[name] = HFTensor(name, hf, f, shape, t, heads, **extra)
+        # transformers ties by the top-level config (the wrapper's, for a VLM)
+        if self.config.get("tie_word_embeddings") and "output.weight" in out:
             del out["output.weight"]  # llama.cpp writes no output tensor for tied embeddings
         if "token_embd.weight" not in out:
             raise ConvertError(f"{self.folder}: no model.embed_tokens.weight in the safetensors files")
         return out
+
+    def _qwen35_fix(self, name: str, shape: tuple[int, ...]) -> dict[str, Any]:
+        """What conversion/qwen.py does to a qwen35 tensor: value transform and head tiling."""
+        c = self.text
+        n_k, n_v = c["linear_num_key_heads"], c["linear_num_value_heads"]
+        d_k, d_v = c["linear_key_head_dim"], c["linear_value_head_dim"]
+        if n_v % n_k:
+            raise ConvertError(f"{self.folder}: {n_v} value heads are not a multiple of {n_k} key heads")
+        fix = ""
+        if name.endswith(".ssm_a"):
+            fix = "neg_exp"
+        elif ".ssm_conv1d." in name:
+            fix = "conv"
+        elif name.endswith("_norm.weight") and ".ssm_norm." not in name:
+            fix = "norm+1"  # zero-centred RMSNorm: x_norm * (1 + w)
+        tile = None
+        if n_v > n_k:
+            qk = 2 * n_k * d_k
+            if ".attn_qkv." in name or ".ssm_conv1d." in name:
+                tile = (0, qk, n_k, d_v)  # the value rows after q and k
+            elif ".attn_gate." in name:
+                tile = (0, 0, n_k, d_v)
+            elif any(s in name for s in (".ssm_beta.", ".ssm_alpha.", ".ssm_dt.", ".ssm_a")):
+                tile = (0, 0, n_k, 1)
+            elif ".ssm_out." in name:
+                tile = (1, 0, n_k, d_v)  # input columns
+        return {"fix": fix, "tile": tile}
 
     def _array(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -125,6 +185,14 @@ class HFSource:
         if t.permute_heads:  # llama.cpp's LlamaModel.permute: rotate-half -> adjacent pairs
             h = t.permute_heads
             x = x.reshape(h, 2, x.shape[0] // h // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+        if t.fix == "neg_exp":  # in float32, as llama.cpp's converter (it upcasts bf16 first)
+            x = -torch.exp(x.float())
+        elif t.fix == "norm+1":
+            x = x.float() + 1
+        elif t.fix == "conv":
+            x = x.float().reshape(t.shape)
+        if t.tile is not None:
+            x = _tile_heads(x, *t.tile)
         return x
 
     def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
@@ -148,7 +216,7 @@ class HFSource:
         self.metadata_types[key] = (vtype, sub)
 
     def _model_metadata(self) -> None:
-        c, a = self.config, self.arch
+        c, a = self.text, self.arch
         n_head = c["num_attention_heads"]
         head_dim = c.get("head_dim") or c["hidden_size"] // n_head
         self._add("general.architecture", a, VT.STRING)
@@ -162,15 +230,46 @@ class HFSource:
         ]  # fmt: skip
         for key, value in u32:
             self._add(f"{a}.{key}", int(value), VT.UINT32)
-        self._add(f"{a}.rope.freq_base", float(c.get("rope_theta", 10000.0)), VT.FLOAT32)
+        # transformers 5 writes rope_theta (and the scaling) inside rope_parameters
+        rope = c.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        self._add(f"{a}.rope.freq_base", float(theta), VT.FLOAT32)
         self._add(f"{a}.attention.layer_norm_rms_epsilon", float(c.get("rms_norm_eps", 1e-6)), VT.FLOAT32)
-        if a == "llama":
+        if a in ("llama", "qwen35"):
             self._add(f"{a}.vocab_size", int(c["vocab_size"]), VT.UINT32)
+        if a == "llama":
             self._add(f"{a}.rope.dimension_count", int(head_dim), VT.UINT32)
-        if a == "qwen3" or head_dim != c["hidden_size"] // n_head:
+        if a in ("qwen3", "qwen35") or head_dim != c["hidden_size"] // n_head:
             self._add(f"{a}.attention.key_length", int(head_dim), VT.UINT32)
             self._add(f"{a}.attention.value_length", int(head_dim), VT.UINT32)
-        self._rope_scaling(c.get("rope_scaling") or {})
+        if a == "qwen35":
+            self._qwen35_metadata(c, rope, head_dim)
+        self._rope_scaling(c.get("rope_scaling") or rope)
+
+    def _qwen35_metadata(self, c: dict, rope: dict, head_dim: int) -> None:
+        """The keys of llama.cpp's Qwen3NextModel / _Qwen35MRopeMixin (shared/docs/qwen35-27b.md 2)."""
+        a = self.arch
+        partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.25))
+        sections = list(rope.get("mrope_section", c.get("mrope_section", [11, 11, 10])))
+        kinds = c.get("layer_types") or []
+        if "full_attention" not in kinds:
+            interval = int(c.get("full_attention_interval", 4))
+        else:
+            interval = kinds.index("full_attention") + 1
+        want = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(len(kinds))]
+        if kinds and kinds != want:
+            raise ConvertError(f"{self.folder}: layer_types are not every {interval}th layer full attention")
+        n_v, d_v = c["linear_num_value_heads"], c["linear_value_head_dim"]
+        u32 = [
+            ("rope.dimension_count", int(head_dim * partial)),
+            ("ssm.conv_kernel", c["linear_conv_kernel_dim"]), ("ssm.state_size", c["linear_key_head_dim"]),
+            ("ssm.group_count", c["linear_num_key_heads"]), ("ssm.time_step_rank", n_v),
+            ("ssm.inner_size", n_v * d_v), ("full_attention_interval", interval),
+        ]  # fmt: skip
+        for key, value in u32:
+            self._add(f"{a}.{key}", int(value), VT.UINT32)
+        sections = (sections + [0, 0, 0, 0])[:4]
+        self._add(f"{a}.rope.dimension_sections", [int(x) for x in sections], VT.ARRAY, VT.INT32)
 
     def _rope_scaling(self, rs: dict) -> None:
         kind = rs.get("rope_type", rs.get("type"))
@@ -180,7 +279,7 @@ class HFSource:
             if "original_max_position_embeddings" in rs:
                 orig = int(rs["original_max_position_embeddings"])
                 self._add(f"{self.arch}.rope.scaling.original_context_length", orig, VT.UINT32)
-        elif kind not in (None, "default"):
+        elif kind not in (None, "default", "mrope"):
             raise ConvertError(f"rope scaling {kind!r} is not supported by the converter yet")
 
     def _tokenizer_metadata(self) -> None:
@@ -190,7 +289,7 @@ class HFSource:
             raise ConvertError(f"{self.folder}: only byte-level BPE tokenizer.json is supported")
         vocab: dict[str, int] = model["vocab"]
         added = {t["content"]: t for t in tj.get("added_tokens", [])}
-        n_vocab = int(self.config["vocab_size"])
+        n_vocab = int(self.text["vocab_size"])
         tokens = [f"[PAD{i}]" for i in range(n_vocab)]
         types = [5] * n_vocab  # UNUSED until filled
         for tok, i in {**vocab, **{k: v["id"] for k, v in added.items()}}.items():
@@ -211,7 +310,7 @@ class HFSource:
         for kind, key in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
             tok = tc.get(key)
             tok = tok.get("content") if isinstance(tok, dict) else tok
-            tid = ids.get(tok) if tok else self.config.get(f"{key}_id") if kind != "padding" else None
+            tid = ids.get(tok) if tok else self.text.get(f"{key}_id") if kind != "padding" else None
             if isinstance(tid, int):
                 self._add(f"tokenizer.ggml.{kind}_token_id", tid, VT.UINT32)
         if "add_bos_token" in tc:
@@ -223,6 +322,8 @@ class HFSource:
 def _pre_tokenizer(tj: dict, arch: str) -> str:
     """llama.cpp names the pre-tokenizer by hashing its output; we look at the split regexes instead."""
     pre = json.dumps(tj.get("pre_tokenizer") or {})
+    if "\\\\p{N}|" in pre and "\\\\p{M}" in pre:
+        return "qwen35"  # qwen2's split with combining marks kept with their letters
     if "\\\\p{N}{1,3}" in pre:
         return "llama-bpe"
     if "\\\\p{N}|" in pre:
@@ -230,6 +331,16 @@ def _pre_tokenizer(tj: dict, arch: str) -> str:
     if '"Split"' not in pre and '"ByteLevel"' in pre:
         return "gpt2"  # ByteLevel with its own (GPT-2) regex
     return PRE[arch]
+
+
+def _tile_heads(x: torch.Tensor, dim: int, first: int, n_k: int, head: int) -> torch.Tensor:
+    """Along `dim`, from index `first` on: value heads grouped by key head (HF, head h reads key head
+    h // ratio) -> tiled (llama.cpp, head h reads key head h % n_k)."""
+    x = x.movedim(dim, 0)
+    v = x[first:]
+    ratio = v.shape[0] // (n_k * head)
+    v = v.reshape(n_k, ratio, head, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+    return torch.cat((x[:first], v)).movedim(0, dim)
 
 
 def _read_json(path: Path, required: bool = True) -> dict:

@@ -202,6 +202,10 @@ def _rules(name, ne0, t, mix: Mix, opts: Options, f: ModelFacts, has_output: boo
         return t if type_by_name(t).bpw >= 6.5 else "q6_K"
     if name == "token_embd.weight":
         return t
+    if "ssm_alpha.weight" in name or "ssm_beta.weight" in name:
+        # Gated DeltaNet decay / write-strength projections: tiny (n_v_heads rows) and sensitive;
+        # the community's Qwen3.5 mixes keep them at q8_0 (shared/docs/qwen35-27b.md 4.3, 5)
+        return t if type_by_name(t).bpw >= type_by_name("q8_0").bpw else "q8_0"
     if "attn_v.weight" in name:
         i, ctr.i_v = ctr.i_v, ctr.i_v + 1
         return _attn_v(t, m, f, i, ctr.n_v)
