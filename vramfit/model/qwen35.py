@@ -242,6 +242,24 @@ def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 # Layers
 
 
+@dataclass
+class Rows:
+    """A batch: sequence i owns the next lengths[i] rows of every activation, starts at position
+    starts[i] and keeps its state in states[i]."""
+
+    lengths: list[int]
+    starts: list[int]
+    states: list[HybridState]
+
+    def split(self, *xs: torch.Tensor):
+        """Per sequence, its rows of each x (a tuple when several xs are given)."""
+        parts = [x.split(self.lengths) for x in xs]
+        return parts[0] if len(xs) == 1 else zip(*parts, strict=True)
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _load(src: WeightSource, names: dict[str, str], i: int) -> dict[str, Any]:
     out = {}
     for field, template in names.items():
@@ -272,15 +290,18 @@ class GatedAttention:
         self.q_norm, self.k_norm = t["q_norm"][perm], t["k_norm"][perm]
         self.wo = t["wo"]
 
-    def __call__(self, x: torch.Tensor, kv: KVCache, slot: int, start: int, rope: Rope, rot) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: Rows, slot: int, rope: Rope, rot) -> torch.Tensor:
         c, n = self.cfg, x.shape[0]
         q, gate, k, v = self.proj(x)
         q = rms_norm(q.view(n, c.n_head, c.head_dim), self.q_norm, c.norm_eps)
         k = rms_norm(k.view(n, c.n_head_kv, c.head_dim), self.k_norm, c.norm_eps)
         q, k = rope.apply(q, rot), rope.apply(k, rot)
-        kv.store(slot, start, k, v.view(n, c.n_head_kv, c.head_dim))
-        out = attention(q, kv, slot, start, scale=c.head_dim**-0.5)
-        return linear(out * torch.sigmoid(gate), self.wo)
+        v = v.view(n, c.n_head_kv, c.head_dim)
+        outs = []
+        for (qi, ki, vi), state, start in zip(rows.split(q, k, v), rows.states, rows.starts, strict=True):
+            state.kv.store(slot, start, ki, vi)
+            outs.append(attention(qi, state.kv, slot, start, scale=c.head_dim**-0.5))
+        return linear(rows.join(outs) * torch.sigmoid(gate), self.wo)
 
 
 class GatedDeltaNet:
@@ -296,26 +317,32 @@ class GatedDeltaNet:
             raise src.error(f"ssm_conv1d of block {i} has shape {tuple(self.conv.shape)}")
         self.dt_bias, self.a, self.norm, self.w_out = t["dt_bias"], t["a"], t["norm"], t["w_out"]
 
-    def __call__(self, x: torch.Tensor, state: HybridState, slot: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: Rows, slot: int) -> torch.Tensor:
         dn, n = self.cfg.deltanet, x.shape[0]
-        nk, nv, d_k, d_v = dn.n_k_heads, dn.n_v_heads, dn.d_k, dn.d_v
         qkv, z, b, a = self.proj(x)
-        qkv = causal_conv(qkv, state.conv[slot], self.conv)
+        beta = torch.sigmoid(b)
+        g = F.softplus(a + self.dt_bias) * self.a  # log decay <= 0 (ssm_a = -exp(A_log))
+        outs = [
+            self._recurrent(qkv_i, g_i, beta_i, state.conv[slot], state.ssm[slot])
+            for (qkv_i, g_i, beta_i), state in zip(rows.split(qkv, g, beta), rows.states, strict=True)
+        ]
+        o = rms_norm(rows.join(outs), self.norm, self.cfg.norm_eps) * F.silu(z.view(n, dn.n_v_heads, dn.d_v))
+        return linear(o.reshape(n, dn.n_v_heads * dn.d_v), self.w_out)
+
+    def _recurrent(self, qkv, g, beta, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+        """One sequence's conv + delta rule over its n new tokens -> o (n, n_v_heads, d_v)."""
+        dn, n = self.cfg.deltanet, qkv.shape[0]
+        nk, nv, d_k, d_v = dn.n_k_heads, dn.n_v_heads, dn.d_k, dn.d_v
+        qkv = causal_conv(qkv, conv, self.conv)
         q, k, v = qkv.split([nk * d_k, nk * d_k, nv * d_v], dim=-1)
         # tiled value heads: head h uses key head h % nk, i.e. q/k repeated as whole blocks
         q = l2_norm(q.reshape(n, nk, d_k)).repeat(1, nv // nk, 1) * d_k**-0.5
         k = l2_norm(k.reshape(n, nk, d_k)).repeat(1, nv // nk, 1)
         v = v.reshape(n, nv, d_v)
-        beta = torch.sigmoid(b)
-        g = F.softplus(a + self.dt_bias) * self.a  # log decay <= 0 (ssm_a = -exp(A_log))
-        ssm = state.ssm[slot]
         if n == 1:
-            o = delta_rule_step(q[0], k[0], v[0], g[0], beta[0], ssm)[None]
-        else:
-            heads_first = [x.transpose(0, 1) for x in (q, k, v, g, beta)]
-            o = delta_rule_chunked(*heads_first, ssm).transpose(0, 1)
-        o = rms_norm(o, self.norm, self.cfg.norm_eps) * F.silu(z.view(n, nv, d_v))
-        return linear(o.reshape(n, nv * d_v), self.w_out)
+            return delta_rule_step(q[0], k[0], v[0], g[0], beta[0], ssm)[None]
+        heads_first = [x.transpose(0, 1) for x in (q, k, v, g, beta)]
+        return delta_rule_chunked(*heads_first, ssm).transpose(0, 1)
 
 
 @dataclass
@@ -359,23 +386,40 @@ class Qwen35Model:
         """tokens (n,) int64 at positions start..start+n-1 -> hidden states (n, n_embd).
 
         start == 0 begins a new sequence; otherwise start must continue the state (cache.pos)."""
-        if start == 0:
-            cache.reset()
-        elif start != cache.pos:
-            raise ValueError(f"the recurrent state holds {cache.pos} tokens; cannot continue at {start}")
-        eps, n = self.cfg.norm_eps, tokens.shape[0]
-        x = self.embed.rows(tokens)
-        rot = self.rope.at(start, n)
+        return self.forward_batch([tokens], [cache], [start])[0]
+
+    def forward_batch(
+        self, seqs: list[torch.Tensor], caches: list[HybridState], starts: list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Several sequences at once, each with its own state: their rows go through the projections,
+        norms and MLP together; the conv, the delta rule, the KV cache and attention stay per sequence.
+        `starts` (default: where each state stands) as in `forward`. -> hidden states per sequence."""
+        starts = [c.pos for c in caches] if starts is None else list(starts)
+        if not len(seqs) == len(caches) == len(starts):
+            raise ValueError(f"{len(seqs)} sequences, {len(caches)} states, {len(starts)} starts")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("each sequence of a batch needs its own state")
+        for cache, start in zip(caches, starts, strict=True):
+            if start not in (0, cache.pos):
+                raise ValueError(f"the recurrent state holds {cache.pos} tokens; cannot continue at {start}")
+        for cache, start in zip(caches, starts, strict=True):
+            if start == 0:
+                cache.reset()
+        rows = Rows([int(t.shape[0]) for t in seqs], starts, caches)
+        eps = self.cfg.norm_eps
+        x = self.embed.rows(rows.join(seqs))
+        rot = rows.join([self.rope.at(s, n) for s, n in zip(starts, rows.lengths, strict=True)])
         for blk in self.blocks:
             h = rms_norm(x, blk.attn_norm, eps)
             if isinstance(blk.mixer, GatedDeltaNet):
-                x = x + blk.mixer(h, cache, blk.slot)
+                x = x + blk.mixer(h, rows, blk.slot)
             else:
-                x = x + blk.mixer(h, cache.kv, blk.slot, start, self.rope, rot)
+                x = x + blk.mixer(h, rows, blk.slot, self.rope, rot)
             gate, up = blk.gate_up(rms_norm(x, blk.ffn_norm, eps))
             x = x + linear(F.silu(gate).mul_(up), blk.w_down)
-        cache.pos = start + n
-        return rms_norm(x, self.norm, eps)
+        for cache, start, n in zip(caches, starts, rows.lengths, strict=True):
+            cache.pos = start + n
+        return list(rows.split(rms_norm(x, self.norm, eps)))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.output)
