@@ -123,6 +123,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     g = GGUFFile(resolve(args.model))
     out.print(f"[bold]{g.path}[/bold]  GGUF v{g.version}, {len(g.tensors)} tensors, alignment {g.alignment}")
+    if layers := _layer_summary(g):
+        out.print(layers)
     meta = Table(title="metadata", show_lines=False)
     meta.add_column("key")
     meta.add_column("value", overflow="fold")
@@ -131,6 +133,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out.print(meta)
     out.print(_tensor_table(g))
     return 0
+
+
+def _layer_summary(g) -> str:
+    """ "64 layers: 16 attention (3, 7, ...), 48 recurrent (Gated DeltaNet)" for hybrid models, from
+    the tensors each block holds; MTP blocks (nextn_predict_layers) are counted apart."""
+    arch = g.architecture
+    n_block = g.metadata.get(f"{arch}.block_count")
+    if not isinstance(n_block, int):
+        return ""
+    n_mtp = int(g.metadata.get(f"{arch}.nextn_predict_layers", 0) or 0)
+    n_layer = n_block - n_mtp
+    mtp = f" + {n_mtp} MTP" if n_mtp else ""
+    recurrent = [i for i in range(n_layer) if f"blk.{i}.ssm_a" in g.tensors]
+    if not recurrent:
+        return f"{n_layer} layers{mtp}"
+    attention = [i for i in range(n_layer) if f"blk.{i}.attn_k.weight" in g.tensors]
+    kind = "Gated DeltaNet" if f"blk.{recurrent[0]}.ssm_alpha.weight" in g.tensors else "SSM"
+    return (
+        f"{n_layer} layers{mtp}: {len(attention)} attention ({', '.join(map(str, attention))}), "
+        f"{len(recurrent)} recurrent ({kind})"
+    )
 
 
 def _show_value(key: str, value, full: bool) -> str:
