@@ -23,16 +23,31 @@ _threads = torch.get_num_threads()  # threads for the fused kernels (their own p
 
 
 def set_threads(n: int) -> None:
-    """Threads for the fused CPU kernels and for torch's own prefill ops (decode runs torch on one)."""
+    """Threads for the fused CPU kernels and for the few big torch ops (see `parallel_torch`)."""
     global _threads
     if n < 1:
         raise ValueError("threads must be >= 1")
     _threads = n
-    torch.set_num_threads(n)
 
 
 def get_threads() -> int:
     return _threads
+
+
+@contextmanager
+def parallel_torch():
+    """Run one big torch op (prefill attention, a reference product of many rows) on the configured
+    threads. Everything else runs torch on one thread (the engine sets that): the many tiny ops of a
+    layer gain nothing from splitting, and their barrier waits grow to milliseconds on a busy machine."""
+    n = torch.get_num_threads()
+    if n == _threads:
+        yield
+        return
+    torch.set_num_threads(_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def set_backend(name: str) -> None:
@@ -117,7 +132,12 @@ def linear(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None = None) -> tor
             *x.shape[:-1], w.shape[0]
         )
         return y if bias is None else y.add_(bias)
-    y = x @ w.dense().T
+    dense = w.dense()
+    if x.numel() > x.shape[-1]:  # several rows: a real matrix product, worth the threads
+        with parallel_torch():
+            y = x @ dense.T
+    else:
+        y = x @ dense.T
     return y if bias is None else y + bias
 
 

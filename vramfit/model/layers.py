@@ -153,7 +153,8 @@ def attention(q: torch.Tensor, cache: KVCache, layer: int, start: int, scale: fl
         qh = q.transpose(0, 1)  # (n_heads, n, head_dim)
         q_pos = torch.arange(start, end)[:, None]
         mask = torch.arange(end)[None, :] <= q_pos  # (n, end)
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        with dispatch.parallel_torch():
+            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out = out.transpose(0, 1).reshape(n, n_heads * head_dim)
     if cache.v_store.rotation is not None:  # values are stored rotated: rotate the output back
         out = (out.view(n, n_heads, head_dim) @ cache.v_store.rotation).reshape(n, n_heads * head_dim)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +54,7 @@ class Engine:
     tokens: list[int] = field(default_factory=list)  # what the cache holds, position by position
 
     def __post_init__(self) -> None:
+        torch.set_num_threads(1)  # small ops on one thread; big ones ask for more (dispatch.parallel_torch)
         self.cache = self.model.new_cache()
         self.n_ctx = self.model.n_ctx
 
@@ -152,26 +152,10 @@ class Engine:
     @torch.inference_mode()
     def _step(self, tok: int) -> torch.Tensor:
         pos = len(self.tokens)
-        with _one_torch_thread():
-            hidden = self.model.forward(torch.tensor([tok], dtype=torch.long), self.cache, pos)
-            logits = self.model.logits(hidden)[0]
+        hidden = self.model.forward(torch.tensor([tok], dtype=torch.long), self.cache, pos)
+        logits = self.model.logits(hidden)[0]
         self.tokens.append(tok)
         return logits
-
-
-@contextmanager
-def _one_torch_thread():
-    """A decode step's torch ops are tiny: splitting them across threads only adds barrier waits (which
-    turn into milliseconds on a busy machine). The big products run in the kernels' own thread pool."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
