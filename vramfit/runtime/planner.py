@@ -38,6 +38,7 @@ AUTO_PAIRS = (
 DEFAULT_QUALITY = ("q8_0", "q8_0")  # "max" context is taken at this quality (near-lossless)
 MIN_CTX = 4096  # "max" steps below DEFAULT_QUALITY only when it cannot hold this many tokens
 CTX_STEP = 256  # contexts are multiples of this
+PAGE = 4096
 
 
 class PlanError(ValueError):
@@ -59,7 +60,9 @@ class Device:
 
 
 CUDA = Device("cuda", 384 * MiB, 0.05, 64 * MiB, 0.02, 256 * MiB, True, True)
-CPU = Device("cpu")
+# the CPU engine's own runtime: the kernels' thread pool and scratch buffers, the RoPE table (measured
+# with bench/plan_accuracy.py: about 15 MiB on the shipped models, 2 threads)
+CPU = Device("cpu", context_bytes=16 * MiB)
 
 
 @dataclass(frozen=True)
@@ -169,23 +172,28 @@ def kv_bytes_per_token(info: ModelInfo, k: str, v: str) -> int:
 
 
 def workspace_bytes(info: ModelInfo, batch: int, ctx: int, dev: Device) -> int:
-    """Peak float32 activations of one batch of `batch` tokens at context `ctx` (see the module doc)."""
+    """Peak float32 activations of one batch of `batch` tokens at context `ctx`: the larger of the
+    attention phase and the MLP phase (the other's temporaries are freed by then), plus the logits."""
     q = info.n_head * info.head_dim
     kv = info.n_head_kv * info.head_dim
-    per_token = 4 * info.n_embd + 2 * q + 2 * kv + 3 * info.n_ff  # x, h, out, res; q, gate; k, v; ffn
-    if info.dn_v_heads:  # conv input/output, and per value head: z, o, and the chunk's (64 x 64) matrices
-        per_token = max(
-            per_token, 4 * info.n_embd + 3 * info.dn_channels + 2 * info.dn_v_heads * (info.dn_head_dim + 64)
-        )
-    act = 4 * batch * per_token
+    attn = 4 * batch * (2 * info.n_embd + 3 * q + 2 * kv)  # x, h; q, gate/out; k, v
+    attn += attention_bytes(info, batch, ctx, dev)
+    mlp = 4 * batch * (2 * info.n_embd + 3 * info.n_ff)  # x, h; gate, up, their product
+    if info.dn_v_heads:  # conv in/out, and per value head: z, o, and the chunk's (64 x 64) matrices
+        dn = 2 * info.n_embd + 3 * info.dn_channels + 2 * info.dn_v_heads * (info.dn_head_dim + 64)
+        mlp = max(mlp, 4 * batch * dn)
     logits = 4 * info.n_vocab  # the last position only
-    return act + logits + attention_bytes(info, batch, ctx, dev)
+    return max(attn, mlp) + logits
 
 
 def attention_bytes(info: ModelInfo, batch: int, ctx: int, dev: Device) -> int:
+    """Attention temporaries. A GPU runs flash-style attention: per-tile partial sums. The CPU path
+    (torch's SDPA with a boolean mask) holds over the whole context: the masked scores and their
+    softmax (2 x n_head x batch x ctx floats), the additive float mask and the boolean one (batch x ctx),
+    and the keys and values expanded to every query head (2 x n_head x ctx x head_dim floats)."""
     if dev.flash_attention:
-        return 4 * info.n_head * batch * 2 * info.head_dim  # per-tile partial sums
-    return 2 * 4 * info.n_head * batch * ctx  # scores and their softmax over the whole context
+        return 4 * info.n_head * batch * 2 * info.head_dim
+    return 4 * ctx * (2 * info.n_head * batch + batch + 2 * info.n_head * info.head_dim) + batch * ctx
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,7 +324,7 @@ def _fixed(
             note=f"{info.state_bytes / MiB:.1f} MiB per sequence",
         ),
         Item("workspace", ws, note=f"prefill batch {batch}"),
-        Item("cuda context", dev.context_bytes),
+        Item("cuda context" if dev.name == "cuda" else "runtime", dev.context_bytes),
         Item("allocator", int(dev.allocator_fraction * ws) + dev.allocator_bytes),
     ]
     return _Fixed(items, kv_bytes_per_token(info, k, v) * parallel + per_ctx_ws, host)
@@ -384,6 +392,13 @@ def _choose(info: ModelInfo, options: list[KVOption], ctx, pair) -> tuple[str, s
 def _items(info, dev, vram, batch, n_ctx, parallel, k, v, host) -> list[Item]:
     f = _fixed(info, dev, batch, parallel, k, v, host)
     items = [i for i in f.items if i.device_bytes or i.host_bytes]
+    if dev.name == "cpu" and not info.tied_output:  # the mapped embedding: only the rows read are resident
+        embed = next((t.nbytes for t in info.tensors if t.name == "token_embd.weight"), 0)
+        rows = min(embed, min(n_ctx, info.n_vocab) * PAGE)  # at most a page per distinct token
+        items[0].device_bytes -= embed - rows
+        items[
+            0
+        ].note = f"embedding mapped: {rows / MiB:.1f} of {embed / MiB:.1f} MiB resident (one page per token)"
     kv = kv_bytes_per_token(info, k, v) * parallel * n_ctx
     note = f"{k}/{v}, {info.kv_layers} layers x {kv_bytes_per_token_layer(info, k, v):,} B/token"
     items.insert(1, Item("kv cache", kv, note=note))
