@@ -153,8 +153,10 @@ def attention(q: torch.Tensor, cache: KVCache, layer: int, start: int, scale: fl
         qh = q.transpose(0, 1)  # (n_heads, n, head_dim)
         q_pos = torch.arange(start, end)[:, None]
         mask = torch.arange(end)[None, :] <= q_pos  # (n, end)
-        with dispatch.parallel_torch():
-            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        with dispatch.parallel_torch():  # 4-D inputs reach torch's fused (flash) CPU kernel
+            out = F.scaled_dot_product_attention(
+                qh[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
+            )[0]
         out = out.transpose(0, 1).reshape(n, n_heads * head_dim)
     if cache.v_store.rotation is not None:  # values are stored rotated: rotate the output back
         out = (out.view(n, n_heads, head_dim) @ cache.v_store.rotation).reshape(n, n_heads * head_dim)
