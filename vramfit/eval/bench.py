@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vramfit.gguf.types import file_type_name
+from vramfit.kernels.dispatch import get_threads
 
 
 @dataclass
@@ -77,7 +78,7 @@ def run_bench(m, n_prompt: int = 512, n_gen: int = 128, reps: int = 3) -> list[B
         fn(m, min(n, 16))  # warm-up: first touch of the weights, allocator, thread pool
         samples = [fn(m, n) for _ in range(reps)]
         std = statistics.stdev(samples) if len(samples) > 1 else 0.0
-        rows.append(BenchRow(label, size, n_params, "CPU", torch.get_num_threads(), f"{test}{n}",
+        rows.append(BenchRow(label, size, n_params, "CPU", get_threads(), f"{test}{n}",
                              statistics.mean(samples), std, samples))  # fmt: skip
     return rows
 
