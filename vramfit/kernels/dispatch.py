@@ -19,7 +19,6 @@ from vramfit.quant import get_codec
 
 BACKENDS = ("auto", "reference", "cpu")
 _backend = "auto"
-DECODE_ROWS = 8  # products with at most this many activation rows count as decode
 _threads = torch.get_num_threads()  # threads for the fused kernels (their own pool, not torch's)
 
 
@@ -129,11 +128,8 @@ def linear(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None = None) -> tor
         observe(w, x)
     if _fast(w, x):
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        # Decode-sized products run on one thread: measured faster end to end than two on this
-        # machine kind (SmolLM2 156 vs 105 t/s, Qwen2.5-1.5B 24.5 vs 20.0), the pool's hand-offs cost
-        # more than the second core adds while one core already streams most of the bandwidth.
-        threads = 1 if flat.shape[0] <= DECODE_ROWS else _threads
-        y = cpu_kernels.qmatmul(flat, w.packed, w.gtype.name, threads=threads).view(*x.shape[:-1], w.shape[0])
+        y = cpu_kernels.qmatmul(flat, w.packed, w.gtype.name, threads=_threads)
+        y = y.view(*x.shape[:-1], w.shape[0])
         return y if bias is None else y.add_(bias)
     dense = w.dense()
     if x.numel() > x.shape[-1]:  # several rows: a real matrix product, worth the threads

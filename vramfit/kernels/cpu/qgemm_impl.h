@@ -333,13 +333,13 @@ typedef struct {
     const qg_args *a;
     const dec_fn *dec;
     fact A[8];
-    int64_t nblocks, ntiles;
+    int64_t nblocks, ntiles, rows; /* rows per tile */
 } dplan;
 
 static void run_dec_item(const dplan *p, int64_t tile) {
     const qg_args *a = p->a;
-    const int64_t r_end = a->N < (tile + 1) * ROWS_PER_ITEM ? a->N : (tile + 1) * ROWS_PER_ITEM;
-    for (int64_t r = tile * ROWS_PER_ITEM; r < r_end; r++)
+    const int64_t r_end = a->N < (tile + 1) * p->rows ? a->N : (tile + 1) * p->rows;
+    for (int64_t r = tile * p->rows; r < r_end; r++)
         for (int64_t y = 0; y < a->n; y += NYMAX) {
             const int ny = a->n - y < NYMAX ? (int)(a->n - y) : NYMAX;
             p->dec[ny - 1](a->w + r * a->row_nbytes, p->nblocks, p->A + y, a->out + y * a->N + r, a->N);
@@ -373,7 +373,13 @@ static int fused_matmul(const qg_args *a, int nth) {
     p.a = a;
     p.dec = pick_dec(a->type);
     p.nblocks = qg_row_nbytes(a->type, 32) ? K / 32 : K / 256; /* legacy: 32-blocks; else super-blocks */
-    p.ntiles = (a->N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    /* Few large tiles: each thread streams long contiguous runs of rows (the prefetchers' best case)
+     * and the shared tile counter is touched a handful of times instead of every 16 rows. Eight
+     * tiles per thread still let an early thread take over a late one's share. */
+    int64_t rows = (a->N + 8 * nth - 1) / (8 * nth);
+    rows = (rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM * ROWS_PER_ITEM;
+    p.rows = rows < ROWS_PER_ITEM ? ROWS_PER_ITEM : rows;
+    p.ntiles = (a->N + p.rows - 1) / p.rows;
     for (int64_t j = 0; j < n; j++) {
         quantize_row(a->x + j * K, K, act + j * L.stride, &L);
         uint8_t *dst = fa + j * F.stride;
