@@ -24,7 +24,7 @@ from vramfit.gguf import GGUFFile
 from vramfit.gguf.reader import GGUF_MAGIC
 from vramfit.gguf.types import type_by_name
 from vramfit.gguf.writer import _string, _value
-from vramfit.quant import get_codec
+from vramfit.quant import encode, get_codec
 from vramfit.quant.imatrix import Imatrix, ImatrixError, load_imatrix
 from vramfit.quant.recipes import Choice, ModelFacts, Options, check_type, get_mix, parse_custom_q, plan
 
@@ -238,7 +238,7 @@ def _write_tensor(f: BinaryIO, src, c: Choice, imat: Imatrix | None, progress: _
         r1 = min(t.n_rows, r0 + step, (r0 // rows_per_mat + 1) * rows_per_mat)  # one expert per batch
         x = src.rows(c.name, r0, r1) if hasattr(src, "rows") else _decode_rows(src, t, r0, r1)
         w = None if weights is None else torch.from_numpy(weights[r0 // rows_per_mat])
-        packed = get_codec(c.type).encode(torch.from_numpy(x), w).numpy()
+        packed = encode(c.type, x, w)  # the C encoders where built (same bytes), else torch
         f.write(packed.tobytes())
         written += packed.size
         progress.advance((r1 - r0) * ne0)
