@@ -78,7 +78,10 @@ def main() -> None:
     base = BaseLogits(kld)
     res = run_ppl(quant, base.windows(), base=base)
     k = res.kld
-    size = quant.stat().st_size / 2**20
+    # model size as llama.cpp reports it (the reference's 969.81 MiB): tensor data, without the header
+    from vramfit.gguf import GGUFFile
+
+    size = sum(t.nbytes for t in GGUFFile(quant).tensors.values()) / 2**20
     r = REFERENCE
     head = [
         "quant (IQ4_KS mix, imatrix)",
@@ -98,7 +101,10 @@ def main() -> None:
     ]  # fmt: skip
     for row in [[*head, "quantize"], ["---"] + ["---:"] * 7, *rows]:
         print("| " + " | ".join(row) + " |")
-    print(f"\n{report.bpw:.3f} bpw; notes: {'; '.join(report.notes) or 'none'}")
+    print(
+        f"\nfile {quant.stat().st_size / 2**20:.2f} MiB with metadata; {report.bpw:.3f} bpw; "
+        f"notes: {'; '.join(report.notes) or 'none'}"
+    )
 
 
 if __name__ == "__main__":
