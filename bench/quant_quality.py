@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--imatrix-chunks", type=int, default=40)
     ap.add_argument("--ppl-chunks", type=int, default=24)
+    ap.add_argument("--peer-python", default=None, help="interpreter with llama_cpp: its PPL of the same base")
     args = ap.parse_args()
 
     import vramfit
@@ -105,6 +106,36 @@ def main() -> None:
         f"\nfile {quant.stat().st_size / 2**20:.2f} MiB with metadata; {report.bpw:.3f} bpw; "
         f"notes: {'; '.join(report.notes) or 'none'}"
     )
+    if args.peer_python:
+        peer = peer_ppl(args.peer_python, base_gguf, work / "ppl.txt", args.ctx, args.ppl_chunks)
+        print(f"llama.cpp (llama-cpp-python) PPL of the same base and text: {peer:.4f}; ours {k.ppl_base:.4f}")
+
+
+# llama-perplexity's protocol in the peer: no BOS for this vocabulary, score the second half of each window
+PEER_PPL = """
+import sys, numpy as np
+from llama_cpp import Llama
+path, text, n_ctx, n_chunks = sys.argv[1], open(sys.argv[2]).read(), int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
+toks = llm.tokenize(text.encode(), add_bos=False, special=False)
+nll, cnt = 0.0, 0
+for c in range(min(n_chunks, len(toks) // n_ctx)):
+    w = toks[c * n_ctx : (c + 1) * n_ctx]
+    llm.reset(); llm.eval(w)
+    lg = np.array(llm.scores[:n_ctx], dtype=np.float64)
+    lp = lg - lg.max(1, keepdims=True); lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    for i in range(n_ctx // 2, n_ctx - 1):
+        nll -= lp[i, w[i + 1]]; cnt += 1
+print(np.exp(nll / cnt))
+"""
+
+
+def peer_ppl(python: str, base: Path, text: Path, n_ctx: int, n_chunks: int) -> float:
+    import subprocess
+
+    cmd = [python, "-c", PEER_PPL, str(base), str(text), str(n_ctx), str(n_chunks)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
