@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--imatrix-chunks", type=int, default=40)
     ap.add_argument("--ppl-chunks", type=int, default=24)
-    ap.add_argument("--peer-python", default=None, help="interpreter with llama_cpp: its PPL of the same base")
+    ap.add_argument("--peer-python", default=None, help="python with llama_cpp: its PPL")
     args = ap.parse_args()
 
     import vramfit
@@ -108,7 +108,7 @@ def main() -> None:
     )
     if args.peer_python:
         peer = peer_ppl(args.peer_python, base_gguf, work / "ppl.txt", args.ctx, args.ppl_chunks)
-        print(f"llama.cpp (llama-cpp-python) PPL of the same base and text: {peer:.4f}; ours {k.ppl_base:.4f}")
+        print(f"llama.cpp (llama-cpp-python) PPL, same base and text: {peer:.4f}; ours {k.ppl_base:.4f}")
 
 
 # llama-perplexity's protocol in the peer: no BOS for this vocabulary, score the second half of each window
