@@ -117,16 +117,21 @@ class Block:
     gate_up: FusedLinear | None = None
 
 
+def embeddings_and_head(src: WeightSource) -> tuple[QWeight, torch.Tensor, QWeight]:
+    """(token embedding, final norm, output matrix); the output is the embedding when tied."""
+    embed = src.qweight(GLOBAL_TENSORS["embed"])
+    tied = GLOBAL_TENSORS["output"] not in src
+    output = embed if tied else src.qweight(GLOBAL_TENSORS["output"])
+    return embed, src.vector(GLOBAL_TENSORS["norm"]), output
+
+
 class LlamaModel:
     config_class = LlamaConfig
 
     def __init__(self, cfg: LlamaConfig, src: WeightSource, n_ctx: int):
         self.cfg = cfg
         self.n_ctx = n_ctx
-        self.embed = src.qweight(GLOBAL_TENSORS["embed"])
-        self.norm = src.vector(GLOBAL_TENSORS["norm"])
-        tied = GLOBAL_TENSORS["output"] not in src
-        self.output = self.embed if tied else src.qweight(GLOBAL_TENSORS["output"])
+        self.embed, self.norm, self.output = embeddings_and_head(src)
         self.blocks = [self._block(src, i) for i in range(cfg.n_layer)]
         freqs = src.vector(GLOBAL_TENSORS["rope_freqs"]) if GLOBAL_TENSORS["rope_freqs"] in src else None
         self.rope = Rope(cfg.rope, n_ctx, freqs)

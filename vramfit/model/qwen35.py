@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from vramfit.kernels.dispatch import FusedLinear, QWeight, linear
 from vramfit.model.layers import KVCache, Rope, attention, neox_to_pairs, rms_norm
-from vramfit.model.llama import GLOBAL_TENSORS, LlamaConfig
+from vramfit.model.llama import LlamaConfig, embeddings_and_head
 from vramfit.model.loader import WeightSource, require
 from vramfit.model.qwen2 import Qwen2Config
 
@@ -363,10 +363,7 @@ class Qwen35Model:
     def __init__(self, cfg: Qwen35Config, src: WeightSource, n_ctx: int):
         self.cfg = cfg
         self.n_ctx = n_ctx
-        self.embed = src.qweight(GLOBAL_TENSORS["embed"])
-        self.norm = src.vector(GLOBAL_TENSORS["norm"])
-        tied = GLOBAL_TENSORS["output"] not in src
-        self.output = self.embed if tied else src.qweight(GLOBAL_TENSORS["output"])
+        self.embed, self.norm, self.output = embeddings_and_head(src)
         slots = layer_slots(cfg)
         self.blocks = [self._block(src, i, slots[i]) for i in range(cfg.n_layer)]
         self.rope = Rope(cfg.rope, n_ctx)
