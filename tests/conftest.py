@@ -28,6 +28,22 @@ def model_path():
     return pull
 
 
+@pytest.fixture(scope="session")
+def metadata(model_path):
+    """Returns a function: short name -> the model's GGUF metadata (read once per session)."""
+    from vramfit.gguf import GGUFFile
+
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            with GGUFFile(model_path(name)) as g:
+                cache[name] = dict(g.metadata)
+        return cache[name]
+
+    return get
+
+
 def load_reference(name: str) -> tuple[dict, dict[str, np.ndarray]]:
     stem = REFERENCE_MODELS[name]
     meta = json.loads((REFERENCE / f"{stem}.dev.json").read_text())

@@ -9,7 +9,6 @@ import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from tests.conftest import REFERENCE_MODELS, load_reference
-from vramfit.gguf.reader import GGUFFile
 from vramfit.runtime.chat_template import (
     CHATML_TEMPLATE,
     ChatTemplateError,
@@ -52,19 +51,6 @@ TOOL_CONVERSATION = [
     {"role": "tool", "content": '{"temp_c": 21}'},
     {"role": "tool", "content": '{"humidity": 0.4}'},
 ]
-
-
-@pytest.fixture(scope="module")
-def metadata(model_path):
-    cache: dict[str, dict] = {}
-
-    def get(name: str) -> dict:
-        if name not in cache:
-            with GGUFFile(model_path(name)) as g:
-                cache[name] = dict(g.metadata)
-        return cache[name]
-
-    return get
 
 
 def hf_render(template: str, messages, tools=None, add_generation_prompt=True, **kwargs) -> str:

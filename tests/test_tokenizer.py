@@ -9,26 +9,12 @@ import pytest
 from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_unicode
 
 from tests.conftest import REFERENCE, REFERENCE_MODELS, load_reference
-from vramfit.gguf.reader import GGUFFile
 from vramfit.runtime.tokenizer import IncrementalDecoder, Tokenizer, TokenType
 
 TEXTS = json.loads((REFERENCE / "texts.json").read_text())
 MODELS = list(REFERENCE_MODELS)
 TOKENIZE_CASES = [(m, name) for m in MODELS for name in TEXTS["tokenize"]]
 LOGITS_CASES = [(m, name) for m in MODELS for name in TEXTS["logits"]]
-
-
-@pytest.fixture(scope="module")
-def metadata(model_path):
-    cache: dict[str, dict] = {}
-
-    def get(name: str) -> dict:
-        if name not in cache:
-            with GGUFFile(model_path(name)) as g:
-                cache[name] = dict(g.metadata)
-        return cache[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")
