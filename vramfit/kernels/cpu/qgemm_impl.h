@@ -87,13 +87,9 @@ static void to_split(const uint8_t *src, uint8_t *dst, int64_t K, const layout *
  *   AVX2:    1 = codes below 128 (4/5/6-bit types), multiplied as they are, without the sign trick. */
 static int variant(int type) {
 #if QG_W == 512
-    return type != QG_Q6_K && type != QG_IQ4_K;
+    return unpack_group(type) == 32;
 #else
-    switch (type) {
-    case QG_Q4_0: case QG_Q4_1: case QG_Q5_0: case QG_Q5_1: case QG_Q6_0: case QG_Q4_K: case QG_Q5_K: case QG_Q6_K:
-        return 1;
-    default: return 0;
-    }
+    return unpack_small(type);
 #endif
 }
 
