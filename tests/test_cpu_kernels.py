@@ -156,8 +156,23 @@ def test_reference_vectors(type_name, isa):
     for key in [k for k in z.files if k.startswith("q_")]:
         packed = torch.from_numpy(z[key])
         dense = torch.from_numpy(z["y_" + key[2:]])
-        x = torch.randn(3, dense.shape[1], generator=gen)
-        check(cpu.qmatmul(x, packed, type_name), x, dense)
+        for n in (3, 12):  # the fused decode kernels, and the batched path
+            x = torch.randn(n, dense.shape[1], generator=gen)
+            check(cpu.qmatmul(x, packed, type_name), x, dense)
+
+
+@needs_ext
+@pytest.mark.parametrize("type_name", ["q4_0", "q6_k", "iq4_ks"])
+def test_long_rows(type_name, isa):
+    """Rows longer than the batched path's 16384-weight chunk (27B ffn_down: 17408), walked in parts;
+    iq4_ks also carries its row scale in front of the blocks."""
+    gen = torch.Generator().manual_seed(5)
+    k = 17408
+    packed = random_rows(type_name, 5, k, gen)
+    dense = torch.from_numpy(quant.decode(type_name, packed, k))
+    for n in (2, 9):
+        x = torch.randn(n, k, generator=gen)
+        check(cpu.qmatmul(x, packed, type_name, threads=2), x, dense)
 
 
 @needs_ext

@@ -7,9 +7,10 @@ multiplies them with the weight codes in integer arithmetic (dpbusd / maddubs), 
 in float32. Two paths:
 - n <= 8 (decode, AVX-512): fused per-type kernels read the packed rows directly (every type but
   q6_0);
-- otherwise (prefill, and the other types): 4 weight rows at a time are unpacked to 8-bit codes plus
-  group scales in a small per-thread buffer, then a 4x4 register-blocked micro-kernel walks activation
-  rows in chunks that stay in L2.
+- otherwise (prefill, and the other types): weight rows are unpacked to 8-bit codes plus group scales
+  in a small per-thread buffer. AVX-512: 16 rows at a time into a tile whose 4-weight lanes are
+  interleaved, so one dpbusd serves 16 rows and the 8 activation rows of a micro-kernel call share
+  every tile load; AVX2: 4 rows at a time, a 4x4 register-blocked micro-kernel.
 Output rows are shared by `threads` threads of the extension's own small pool through an atomic
 work counter; the caller works too, and a worker that wakes late (busy machine) skips the call instead
 of making the caller wait at a barrier.

@@ -2,16 +2,19 @@
  * qgemm_avx512.c (QG_W == 512) after a `#pragma GCC target`; QG_SFX names the entry point.
  *
  * Algorithm (llama.cpp style):
- *   1. every activation row is quantized to int8 in blocks of 32 (scale d = max|x| / 127); per block
- *      the scale is kept once per 4-value lane (dxl) and d * sum(q) per 16 values (xs);
- *   2. weight rows are unpacked NW at a time into unsigned 8-bit codes + lane scales + group offsets
+ *   1. every activation row is quantized to int8 in blocks of 32 (scale d = max|x| / 127), with
+ *      d * sum(q) per 16 and per 32 values for the weights' group offsets;
+ *   2. weight rows are unpacked into unsigned 8-bit codes + group scales + group offsets
  *      (qgemm_unpack.h), so y[i] = dwl * q + mw;
- *   3. a register-blocked micro-kernel computes NW x NY outputs at once: per 64 (AVX-512) or 32
- *      (AVX2) weights an integer dot product per 4-weight lane, converted to float and scaled by
- *      dwl * dxl; the group offsets add sum_g mw[g] * xs[g].
- * Unpacking costs O(K) per weight row and is shared by all activation rows of a tile, which are
- * walked in chunks that fit the L2 cache. Threads (qg_parallel, qgemm_module.c) take 16-row work
- * items from an atomic counter.
+ *   3. integer dot products per 4-weight lane (AVX-512 VNNI dpbusd, AVX2 maddubs), converted to
+ *      float per scale group and scaled by weight scale * activation scale; the group offsets add
+ *      sum_g mw[g] * xs[g].
+ * AVX-512: batches up to 8 use the fused kernels of qgemm_decode.h straight from the packed rows;
+ * larger ones unpack 16 rows at a time into an interleaved tile that the `ikern` micro-kernel
+ * multiplies with 8 activation rows at once (see there). AVX2: 4 unpacked rows x 4 activation rows
+ * per micro-kernel call (`kern`), activation rows in chunks that fit the L2.
+ * Unpacking costs O(K) per weight row and is shared by all activation rows of a chunk. Threads
+ * (qg_parallel, qgemm_module.c) take 16-row work items from an atomic counter.
  */
 #include <stdlib.h>
 #include "qgemm.h"
@@ -59,41 +62,9 @@ static layout make_layout(int64_t K) {
     return L;
 }
 
-/* Split order (AVX-512, types with one scale per 32 weights): per 128 weights, weights 0..15 of the
- * four 32-blocks, then weights 16..31, so the two halves of a block share dot-product lanes and are
- * summed as integers before one conversion; the lane scales become one float per block and lane
- * quad (K/8 floats). The same reordering is applied to weights and activations; the group offsets
- * (K/16) keep their order. Zero padding up to a multiple of 128. */
-static void to_split(const uint8_t *src, uint8_t *dst, int64_t K, const layout *L) {
-    const int64_t nb = K / 32, nb4 = (nb + 3) / 4 * 4;
-    const float *dl = (const float *)(src + L->dl);
-    float *ds = (float *)(dst + L->dl);
-    for (int64_t b = 0; b < nb4; b++) {
-        const int64_t g = b / 4, i = b % 4;
-        if (b < nb) {
-            memcpy(dst + 128 * g + 16 * i, src + 32 * b, 16);
-            memcpy(dst + 128 * g + 64 + 16 * i, src + 32 * b + 16, 16);
-        } else {
-            memset(dst + 128 * g + 16 * i, 0, 16);
-            memset(dst + 128 * g + 64 + 16 * i, 0, 16);
-        }
-        for (int l = 0; l < 4; l++) ds[16 * g + 4 * i + l] = b < nb ? dl[8 * b] : 0.0f;
-    }
-    memcpy(dst + L->sm, src + L->sm, (size_t)(K / 16) * sizeof(float));
-}
-
-/* The kernel variant (`variant` of the plan, SPLIT of `kern`):
- *   AVX-512: 1 = split order, for every type with 32-weight scales;
- *   AVX2:    1 = codes below 128 (4/5/6-bit types), multiplied as they are, without the sign trick. */
-static int variant(int type) {
-#if QG_W == 512
-    return unpack_group(type) == 32;
-#else
-    return unpack_small(type);
-#endif
-}
-
-#define SPLIT_LAYOUT (QG_W == 512) /* whether variant 1 reorders rows into the split order */
+/* AVX2 kernel variant (`variant` of the plan, SPLIT of `kern`): 1 = codes below 128 (4/5/6-bit
+ * types), multiplied as they are, without the sign trick */
+static int variant(int type) { return unpack_small(type); }
 
 /* ---------------------------------------------------------------------------------------------
  * activation quantization */
@@ -144,7 +115,7 @@ static void quantize_row(const float *x, int64_t K, uint8_t *dst, const layout *
 }
 
 /* ---------------------------------------------------------------------------------------------
- * micro-kernel: out[j * ldo + r] = row r . activation j, r < NW, j < NY */
+ * AVX2 micro-kernel: out[j * ldo + r] = row r . activation j, r < NW, j < NY */
 
 typedef struct {
     const uint8_t *w[NWMAX]; /* unpacked weight rows */
@@ -155,75 +126,16 @@ typedef struct {
     int accum; /* add to out (later K chunks) instead of storing */
 } kargs;
 
-
-
-#if QG_W == 512
-static inline __attribute__((always_inline)) float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-/* [sum(a), sum(b), sum(c), sum(d)] */
-static inline __attribute__((always_inline)) __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); /* a0 b0 a1 b1 per lane */
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-#else
+#if QG_W == 256 /* the per-row kernel (AVX2; AVX-512 uses the interleaved one below) */
 static inline __attribute__((always_inline)) float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-#endif
 
 static inline __attribute__((always_inline)) void kern(const kargs *ka, const int NW, const int NY, const int SPLIT) {
     const int64_t K = ka->K, dl = ka->L->dl;
-#if QG_W == 512
-    __m512 acc[NWMAX][NYMAX];
-    for (int r = 0; r < NW; r++)
-        for (int j = 0; j < NY; j++) acc[r][j] = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
-    int64_t k = 0;
-    if (SPLIT) {
-        for (; k < K; k += 128) { /* padded to 128 with zero codes and scales */
-            __m512i wa[NWMAX], wb[NWMAX];
-            __m512 s[NWMAX];
-            for (int r = 0; r < NW; r++) {
-                wa[r] = _mm512_loadu_si512(ka->w[r] + k);
-                wb[r] = _mm512_loadu_si512(ka->w[r] + k + 64);
-                s[r] = _mm512_loadu_ps((const float *)(ka->w[r] + dl) + k / 8);
-            }
-            for (int j = 0; j < NY; j++) {
-                const __m512i xa = _mm512_loadu_si512(ka->x[j] + k), xb = _mm512_loadu_si512(ka->x[j] + k + 64);
-                const __m512 dv = _mm512_loadu_ps((const float *)(ka->x[j] + dl) + k / 8);
-                for (int r = 0; r < NW; r++) {
-                    __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, wa[r], xa), wb[r], xb);
-                    acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s[r], dv), acc[r][j]);
-                }
-            }
-        }
-        k = K;
-    }
-    for (; k < K; k += 64) {
-        const __mmask64 mb = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
-        const __mmask16 mf = K - k >= 64 ? (__mmask16)0xFFFF : (__mmask16)(((unsigned)1 << ((K - k) / 4)) - 1);
-        __m512i w[NWMAX];
-        __m512 s[NWMAX];
-        for (int r = 0; r < NW; r++) {
-            w[r] = _mm512_maskz_loadu_epi8(mb, ka->w[r] + k);
-            s[r] = _mm512_maskz_loadu_ps(mf, (const float *)(ka->w[r] + dl) + k / 4);
-        }
-        for (int j = 0; j < NY; j++) {
-            const __m512i xv = _mm512_maskz_loadu_epi8(mb, ka->x[j] + k);
-            const __m512 dv = _mm512_maskz_loadu_ps(mf, (const float *)(ka->x[j] + dl) + k / 4);
-            for (int r = 0; r < NW; r++) {
-                __m512i t = _mm512_dpbusd_epi32(zero, w[r], xv);
-                acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s[r], dv), acc[r][j]);
-            }
-        }
-    }
-#else
     __m256 acc[NWMAX][NYMAX];
     for (int r = 0; r < NW; r++)
         for (int j = 0; j < NY; j++) acc[r][j] = _mm256_setzero_ps();
@@ -264,29 +176,7 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
             }
         }
     }
-#endif
     const int64_t sm = ka->L->sm;
-#if QG_W == 512
-    /* group offsets: sum_g mw[g] * xs[g], folded into the same accumulators */
-    for (int64_t g = 0; g < K / 16; g += 16) {
-        const __mmask16 mg = K / 16 - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K / 16 - g)) - 1);
-        __m512 mwv[NWMAX];
-        for (int r = 0; r < NW; r++) mwv[r] = _mm512_maskz_loadu_ps(mg, (const float *)(ka->w[r] + sm) + g);
-        for (int j = 0; j < NY; j++) {
-            const __m512 xsv = _mm512_maskz_loadu_ps(mg, (const float *)(ka->x[j] + sm) + g);
-            for (int r = 0; r < NW; r++) acc[r][j] = _mm512_fmadd_ps(mwv[r], xsv, acc[r][j]);
-        }
-    }
-    for (int r = 0; r < NW; r++) {
-        if (NY == 4) { /* four horizontal sums at once */
-            const __m128 v = hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-            for (int j = 0; j < 4; j++) ka->out[j * ka->ldo + r] = v[j] + (ka->accum ? ka->out[j * ka->ldo + r] : 0.0f);
-        } else {
-            for (int j = 0; j < NY; j++)
-                ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + (ka->accum ? ka->out[j * ka->ldo + r] : 0.0f);
-        }
-    }
-#else
     /* group offsets: the sign-trick kernel (SPLIT == 0) multiplies the true signed values, and those
      * types' offsets are exactly -128 * scale, so only the small-code kernel has any to add */
     for (int64_t g = 0; SPLIT && g < K / 16; g += 8) {
@@ -301,7 +191,6 @@ static inline __attribute__((always_inline)) void kern(const kargs *ka, const in
     for (int r = 0; r < NW; r++)
         for (int j = 0; j < NY; j++)
             ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + (ka->accum ? ka->out[j * ka->ldo + r] : 0.0f);
-#endif
 }
 
 typedef void (*kern_fn)(const kargs *);
@@ -318,6 +207,7 @@ KDEF(4, 1) KDEF(4, 2) KDEF(4, 3) KDEF(4, 4)
     { CAT(kerns_##nw##_1, QG_SFX), CAT(kerns_##nw##_2, QG_SFX), CAT(kerns_##nw##_3, QG_SFX), CAT(kerns_##nw##_4, QG_SFX) }
 static const kern_fn kernels_split[NWMAX][NYMAX] = {KROWS(1), KROWS(2), KROWS(3), KROWS(4)};
 static const kern_fn kernels[NWMAX][NYMAX] = {KROW(1), KROW(2), KROW(3), KROW(4)};
+#endif
 
 #if QG_W == 512
 #include "qgemm_decode.h"
@@ -391,6 +281,141 @@ static int fused_matmul(const qg_args *a, int nth) {
 }
 #endif
 
+
+#if QG_W == 512
+/* ---------------------------------------------------------------------------------------------
+ * AVX-512 batched kernel on interleaved tiles (used for every batch above the fused decode sizes).
+ *
+ * A tile holds IR = 16 weight rows with their 4-weight lanes interleaved: bytes [q][r][0..3] are
+ * weights 4q..4q+3 of row r, so one dpbusd multiplies a lane of all 16 rows with the same four
+ * activation codes (broadcast from memory). Eight of them sum a 32-weight block of 16 rows in the
+ * int32 lanes; one conversion and two FMAs per block then apply the row scales (a vector over the
+ * rows) times the activation block scale, and the group offsets times the activation block sums.
+ * That is 8 integer dot products per 3-4 float operations, against 2 per 3 in the per-row kernel,
+ * and the 16 results of an activation row land in one register, with no horizontal sums. */
+
+#define IR 16 /* rows per tile: the int32 lanes of a zmm */
+#define IY 8  /* activation rows per kernel call */
+
+/* a quantized activation row: K int8 codes, then per 32-block the scale, per 16 the sum d * sum(q),
+ * per 32 the same sum */
+typedef struct {
+    int64_t dx, xs, xs32, stride;
+} ilayout;
+
+static ilayout make_ilayout(int64_t K) {
+    ilayout L;
+    L.dx = round64(K);
+    L.xs = L.dx + round64(K / 32 * 4);
+    L.xs32 = L.xs + round64(K / 16 * 4);
+    L.stride = L.xs32 + round64(K / 32 * 4);
+    return L;
+}
+
+/* the same rounding as quantize_row */
+static void iquantize_row(const float *x, int64_t K, uint8_t *dst, const ilayout *L) {
+    int8_t *q = (int8_t *)dst;
+    float *dx = (float *)(dst + L->dx), *xs = (float *)(dst + L->xs), *xs32 = (float *)(dst + L->xs32);
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + 32 * b;
+        __m512 a = _mm512_loadu_ps(xb), c = _mm512_loadu_ps(xb + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+        float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
+        __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
+        __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)(q + 32 * b), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(q + 32 * b + 16), _mm512_cvtsepi32_epi8(qc));
+        const int32_t sa = _mm512_reduce_add_epi32(qa), sc = _mm512_reduce_add_epi32(qc);
+        dx[b] = d;
+        xs[2 * b] = d * (float)sa;
+        xs[2 * b + 1] = d * (float)sc;
+        xs32[b] = d * (float)(sa + sc);
+    }
+}
+
+/* tile byte offsets for a K chunk of klen weights: codes, then row scales and offsets per group */
+static inline int64_t tile_dw(int64_t klen) { return IR * klen; }
+static inline int64_t tile_mw(int64_t klen, int group) { return IR * klen + IR * 4 * (klen / group); }
+static inline int64_t tile_bytes(int64_t klen) { return IR * klen + 2 * IR * 4 * (klen / 16); }
+/* room for IR packed row chunks of klen weights (at most 34 bytes per 32, plus a row scale) */
+static inline int64_t packed_bytes(int64_t klen) { return IR * round64(klen * 17 / 16 + 64); }
+
+/* rows[0..nr) unpacked (through the linear scratch row `tmp` of layout L) into the tile */
+static void fill_tile(const uint8_t *const *rows, int nr, int64_t klen, unpack_fn unpack, const layout *L,
+                      int group, uint8_t *tmp, uint8_t *tile) {
+    uint32_t *tc = (uint32_t *)tile;
+    float *tdw = (float *)(tile + tile_dw(klen)), *tmw = (float *)(tile + tile_mw(klen, group));
+    const int64_t nq = klen / 4, ng = klen / group;
+    for (int r = 0; r < IR; r++) {
+        if (r >= nr) { /* missing rows: zero codes and scales, their lanes are never stored */
+            for (int64_t q = 0; q < nq; q++) tc[IR * q + r] = 0;
+            for (int64_t g = 0; g < ng; g++) tdw[IR * g + r] = tmw[IR * g + r] = 0.0f;
+            continue;
+        }
+        const float *dwl = (const float *)(tmp + L->dl), *mw = (const float *)(tmp + L->sm);
+        unpack(rows[r], klen, tmp, (float *)(tmp + L->dl), (float *)(tmp + L->sm));
+        const uint32_t *c = (const uint32_t *)tmp;
+        for (int64_t q = 0; q < nq; q++) tc[IR * q + r] = c[q];
+        for (int64_t g = 0; g < ng; g++) {
+            tdw[IR * g + r] = dwl[g * group / 4];
+            tmw[IR * g + r] = mw[g * group / 16];
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) __m512i bcast4(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* out[j][0..16) (+)= tile rows . activation j, j < NY */
+static inline __attribute__((always_inline)) void ikern(const uint8_t *tile, const uint8_t *const *xr,
+                                                       const ilayout *L, int64_t klen, const int G, const int NY,
+                                                       float *out, int accum) {
+    const float *tdw = (const float *)(tile + tile_dw(klen)), *tmw = (const float *)(tile + tile_mw(klen, G));
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[IY];
+    for (int j = 0; j < NY; j++) acc[j] = accum ? _mm512_loadu_ps(out + IR * j) : _mm512_setzero_ps();
+    for (int64_t b = 0; b < klen / 32; b++) {
+        const uint8_t *w = tile + (size_t)b * 32 * IR;
+        for (int h = 0; h < 32 / G; h++) { /* one or two scale groups per 32-block */
+            __m512i s[IY];
+            const int q0 = h * G / 4, nq = G / 4;
+            {
+                const __m512i wq = _mm512_loadu_si512(w + 4 * IR * q0);
+                for (int j = 0; j < NY; j++) s[j] = _mm512_dpbusd_epi32(zero, wq, bcast4(xr[j] + 32 * b + 4 * q0));
+            }
+            for (int q = q0 + 1; q < q0 + nq; q++) {
+                const __m512i wq = _mm512_loadu_si512(w + 4 * IR * q);
+                for (int j = 0; j < NY; j++) s[j] = _mm512_dpbusd_epi32(s[j], wq, bcast4(xr[j] + 32 * b + 4 * q));
+            }
+            const int64_t g = b * (32 / G) + h;
+            const __m512 dw = _mm512_loadu_ps(tdw + IR * g), mw = _mm512_loadu_ps(tmw + IR * g);
+            for (int j = 0; j < NY; j++) {
+                const float dx = ((const float *)(xr[j] + L->dx))[b];
+                const float sx = G == 32 ? ((const float *)(xr[j] + L->xs32))[b] : ((const float *)(xr[j] + L->xs))[g];
+                acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s[j]), dw), _mm512_set1_ps(dx), acc[j]);
+                acc[j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx), acc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < NY; j++) _mm512_storeu_ps(out + IR * j, acc[j]);
+}
+
+typedef void (*ikern_fn)(const uint8_t *, const uint8_t *const *, const ilayout *, int64_t, float *, int);
+#define IKDEF(g, ny) \
+    static void ikern_##g##_##ny(const uint8_t *t, const uint8_t *const *x, const ilayout *L, int64_t k, float *o, int a) { \
+        ikern(t, x, L, k, g, ny, o, a); \
+    }
+IKDEF(16, 1) IKDEF(16, 2) IKDEF(16, 3) IKDEF(16, 4) IKDEF(16, 5) IKDEF(16, 6) IKDEF(16, 7) IKDEF(16, 8)
+IKDEF(32, 1) IKDEF(32, 2) IKDEF(32, 3) IKDEF(32, 4) IKDEF(32, 5) IKDEF(32, 6) IKDEF(32, 7) IKDEF(32, 8)
+static const ikern_fn ikernels[2][IY] = {
+    {ikern_16_1, ikern_16_2, ikern_16_3, ikern_16_4, ikern_16_5, ikern_16_6, ikern_16_7, ikern_16_8},
+    {ikern_32_1, ikern_32_2, ikern_32_3, ikern_32_4, ikern_32_5, ikern_32_6, ikern_32_7, ikern_32_8},
+};
+#endif
+
 /* ---------------------------------------------------------------------------------------------
  * driver */
 
@@ -404,8 +429,50 @@ typedef struct {
     int64_t kc, nkc;     /* K is walked in nkc chunks of kc weights (the last may be shorter) */
     int64_t bsize, bbytes; /* weights and bytes per block, to find a chunk inside a packed row */
     int row_meta;          /* bytes of row scale in front of the blocks (IQ4_KS, IQ5_KS) */
+    int group;             /* weights per scale/offset group of the type (16 or 32) */
+#if QG_W == 512
+    ilayout IL;
+#endif
 } plan;
 
+#if QG_W == 512
+/* run_item for interleaved tiles: scratch = linear row, packed-chunk copy, tile, output block */
+static void irun_item(const plan *p, int64_t item, uint8_t *ubuf) {
+    const qg_args *a = p->a;
+    const int64_t chunk = item / p->ntiles, tile = item % p->ntiles;
+    const int64_t r0 = tile * IR, r_end = a->N < r0 + IR ? a->N : r0 + IR;
+    const int nr = (int)(r_end - r0);
+    const int64_t y0 = chunk * p->nc, y_end = a->n < y0 + p->nc ? a->n : y0 + p->nc;
+    const int64_t stride = p->L->stride, istride = p->IL.stride;
+    uint8_t *tmp = ubuf, *packed = ubuf + stride, *tbuf = packed + packed_bytes(p->kc);
+    float *obuf = (float *)(tbuf + round64(tile_bytes(p->kc)));
+    for (int64_t kk = 0; kk < p->nkc; kk++) {
+        const int64_t k0 = kk * p->kc, klen = a->K - k0 < p->kc ? a->K - k0 : p->kc;
+        const int64_t woff = p->nkc > 1 ? k0 / p->bsize * p->bbytes : 0;
+        const uint8_t *rows[IR];
+        for (int r = 0; r < nr; r++) {
+            rows[r] = a->w + (r0 + r) * a->row_nbytes + woff;
+            if (p->row_meta && woff) { /* the chunk's blocks behind a copy of the row scale */
+                uint8_t *dst = packed + r * (p->row_meta + klen / p->bsize * p->bbytes);
+                memcpy(dst, a->w + (r0 + r) * a->row_nbytes, (size_t)p->row_meta);
+                memcpy(dst + p->row_meta, rows[r] + p->row_meta, (size_t)(klen / p->bsize * p->bbytes));
+                rows[r] = dst;
+            }
+        }
+        fill_tile(rows, nr, klen, p->unpack, p->L, p->group, tmp, tbuf);
+        const uint8_t *act = p->act + kk * a->n * istride;
+        for (int64_t y = y0; y < y_end; y += IY) {
+            const int ny = y_end - y < IY ? (int)(y_end - y) : IY;
+            const uint8_t *xr[IY];
+            for (int j = 0; j < ny; j++) xr[j] = act + (y + j) * istride;
+            ikernels[p->group == 32][ny - 1](tbuf, xr, &p->IL, klen, obuf + (y - y0) * IR, kk > 0);
+        }
+    }
+    for (int64_t y = y0; y < y_end; y++) memcpy(a->out + y * a->N + r0, obuf + (y - y0) * IR, (size_t)nr * 4);
+}
+#endif
+
+#if QG_W == 256
 static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
     const qg_args *a = p->a;
     const int64_t chunk = item / p->ntiles, tile = item % p->ntiles;
@@ -427,7 +494,7 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
         for (int64_t r0 = tile * ROWS_PER_ITEM; r0 < r_end; r0 += NWMAX) {
             const int nw = r_end - r0 < NWMAX ? (int)(r_end - r0) : NWMAX;
             for (int r = 0; r < nw; r++) {
-                uint8_t *u = ubuf + r * stride, *tmp = SPLIT_LAYOUT && p->split ? ubuf + NWMAX * stride : u;
+                uint8_t *u = ubuf + r * stride;
                 const uint8_t *src = a->w + (r0 + r) * a->row_nbytes + woff;
                 if (p->row_meta && woff) { /* the chunk's blocks behind a copy of the row scale */
                     uint8_t *packed = ubuf + (NWMAX + 1) * stride;
@@ -435,8 +502,7 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
                     memcpy(packed + p->row_meta, src + p->row_meta, (size_t)(klen / p->bsize * p->bbytes));
                     src = packed;
                 }
-                p->unpack(src, klen, tmp, (float *)(tmp + p->L->dl), (float *)(tmp + p->L->sm));
-                if (SPLIT_LAYOUT && p->split) to_split(tmp, u, klen, p->L);
+                p->unpack(src, klen, u, (float *)(u + p->L->dl), (float *)(u + p->L->sm));
                 ka.w[r] = u;
             }
             for (int64_t y = y0; y < y_end; y += NYMAX) {
@@ -451,17 +517,18 @@ static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
     for (int64_t y = y0; y < y_end; y++)
         memcpy(a->out + y * a->N + r0, obuf + (y - y0) * ROWS_PER_ITEM, (size_t)nr * 4);
 }
+#endif
 
-/* activation row j into the plan's layout, one K chunk after the other (split order through the
- * thread's scratch row) */
-static void quantize_act(const plan *p, int64_t j, uint8_t *ubuf) {
-    const int64_t K = p->a->K, stride = p->L->stride;
+/* activation row j into the plan's layout, one K chunk after the other */
+static void quantize_act(const plan *p, int64_t j) {
+    const int64_t K = p->a->K;
     for (int64_t kk = 0; kk < p->nkc; kk++) {
         const int64_t k0 = kk * p->kc, klen = K - k0 < p->kc ? K - k0 : p->kc;
-        uint8_t *dst = (uint8_t *)p->act + (kk * p->a->n + j) * stride;
-        uint8_t *tmp = SPLIT_LAYOUT && p->split ? ubuf + NWMAX * stride : dst;
-        quantize_row(p->a->x + j * K + k0, klen, tmp, p->L);
-        if (SPLIT_LAYOUT && p->split) to_split(tmp, dst, klen, p->L);
+#if QG_W == 512
+        iquantize_row(p->a->x + j * K + k0, klen, (uint8_t *)p->act + (kk * p->a->n + j) * p->IL.stride, &p->IL);
+#else
+        quantize_row(p->a->x + j * K + k0, klen, (uint8_t *)p->act + (kk * p->a->n + j) * p->L->stride, p->L);
+#endif
     }
 }
 
@@ -480,7 +547,7 @@ static void gemm_task(void *arg, int tid) {
     if (job->quant_inside) {
         int64_t j;
         while ((j = __atomic_fetch_add(&job->q_next, 1, __ATOMIC_RELAXED)) < job->p->a->n) {
-            quantize_act(job->p, j, unp_buf[tid]);
+            quantize_act(job->p, j);
             __atomic_fetch_add(&job->q_done, 1, __ATOMIC_RELEASE);
         }
         while (__atomic_load_n(&job->q_done, __ATOMIC_ACQUIRE) < job->p->a->n) _mm_pause();
@@ -488,7 +555,11 @@ static void gemm_task(void *arg, int tid) {
     for (;;) {
         const int64_t it = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
         if (it >= job->total) break;
+#if QG_W == 512
+        irun_item(job->p, it, unp_buf[tid]);
+#else
         run_item(job->p, it, unp_buf[tid]);
+#endif
     }
 }
 
@@ -504,23 +575,40 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
 #endif
     /* long rows are walked in chunks of 2048 weights, so that many activation rows fit the L2 and
      * each unpacked weight chunk serves them all */
+#if QG_W == 512 /* interleaved tiles stream activations from L3 at ease: chunk only very long rows */
+    const int64_t kc = K > 16384 ? 8192 : K, nkc = (K + kc - 1) / kc;
+#else
     const int64_t kc = K > 3072 ? 2048 : K, nkc = (K + kc - 1) / kc;
+#endif
     const int64_t bsize = qg_row_nbytes(a->type, 32) ? 32 : 256;
     const int row_meta = (int)(2 * qg_row_nbytes(a->type, bsize) - qg_row_nbytes(a->type, 2 * bsize));
     const layout L = make_layout(kc);
-    uint8_t *act = grow(&act_buf, &act_cap, (size_t)(nkc * n * L.stride));
-    if (!act) return 2;
+#if QG_W == 512
+    const ilayout IL = make_ilayout(kc);
+    const int64_t astride = IL.stride, nc = n < 512 ? n : 512; /* the tile is unpacked once per nc rows */
+#else
+    const int64_t astride = L.stride;
     /* activation rows per chunk: 512 KiB of quantized rows, half of a 1 MiB L2 (Zen 4/5) */
-    int64_t nc = (1 << 19) / L.stride;
+    int64_t nc = (1 << 19) / astride;
     nc = nc < NYMAX ? NYMAX : (nc > 512 ? 512 : nc - nc % NYMAX);
-    for (int t = 0; t < nth; t++) /* NWMAX unpacked rows, two scratch rows, the output block */
-        if (!grow(&unp_buf[t], &unp_cap[t], (size_t)((NWMAX + 2) * L.stride + ROWS_PER_ITEM * nc * 4))) return 2;
+#endif
+    uint8_t *act = grow(&act_buf, &act_cap, (size_t)(nkc * n * astride));
+    if (!act) return 2;
+    size_t scratch = (size_t)((NWMAX + 2) * L.stride + ROWS_PER_ITEM * nc * 4); /* rows, 2 spare, output */
+#if QG_W == 512 /* linear row, packed chunks, tile, output */
+    scratch = (size_t)(L.stride + packed_bytes(kc) + round64(tile_bytes(kc)) + IR * nc * 4);
+#endif
+    for (int t = 0; t < nth; t++)
+        if (!grow(&unp_buf[t], &unp_cap[t], scratch)) return 2;
     plan p = {a,   unpack, &L,    act,   nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, variant(a->type),
-              kc,  nkc,    bsize, qg_row_nbytes(a->type, bsize) - row_meta, row_meta};
+              kc,  nkc,    bsize, qg_row_nbytes(a->type, bsize) - row_meta, row_meta, unpack_group(a->type)};
+#if QG_W == 512
+    p.IL = IL;
+#endif
     /* few rows: quantize here, so that the threads start without waiting for each other */
     gjob job = {&p, ((n + nc - 1) / nc) * p.ntiles, 0, 0, 0, nth > 1 && n > 8};
     if (!job.quant_inside)
-        for (int64_t j = 0; j < n; j++) quantize_act(&p, j, unp_buf[0]);
+        for (int64_t j = 0; j < n; j++) quantize_act(&p, j);
     qg_parallel(gemm_task, &job, nth);
     return 0;
 }

@@ -328,14 +328,14 @@ static unpack_fn pick_unpack(int type) {
  * unpack_small: 1 when every code is below 128 (any offsets), 0 when the code is the signed value
  *   + 128 and the offset is exactly -128 * scale (the AVX2 sign-trick kernel multiplies the signed
  *   values and adds no offsets). */
-static int unpack_group(int type) {
+static __attribute__((unused)) int unpack_group(int type) {
     switch (type) {
     case QG_Q6_K: case QG_IQ4_K: return 16;
     default: return 32;
     }
 }
 
-static int unpack_small(int type) {
+static __attribute__((unused)) int unpack_small(int type) {
     switch (type) {
     case QG_Q4_0: case QG_Q4_1: case QG_Q5_0: case QG_Q5_1: case QG_Q6_0: case QG_Q4_K: case QG_Q5_K: case QG_Q6_K:
         return 1;
