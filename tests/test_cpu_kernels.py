@@ -181,6 +181,20 @@ def test_reference_vectors(type_name, isa):
 
 
 @needs_ext
+@pytest.mark.parametrize("type_name", TYPES)
+def test_unpack_exact(type_name, isa):
+    """Every decoded weight, read back through the generic (batch > 8) path with the identity as
+    activations: one-hot rows quantize exactly, so each output is one weight, dwl * q + mw, and must
+    equal the reference decoder's value up to float32 rounding. Reference encodings and random rows."""
+    gen = torch.Generator().manual_seed(5)
+    for packed in [*reference_rows(type_name), random_rows(type_name, 8, 1024, gen)]:
+        dense = torch.from_numpy(quant.decode(type_name, packed, 1024))
+        y = cpu.qmatmul(torch.eye(1024), packed, type_name).T
+        row_scale = dense.abs().amax(1, keepdim=True) + 1e-30
+        assert ((y - dense).abs() / row_scale).max().item() < 1e-6
+
+
+@needs_ext
 @pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q5_0", "q8_0", "iq4_nl", "iq4_ks", "iq4_k", "iq5_ks"])
 def test_encoded_weights(type_name, isa):
     """Weights through the package's own encoders, one thread and several, with an `out` buffer."""
