@@ -35,13 +35,23 @@ SCALE_FIELDS = {
     "q8_0": (34, 0, (0,)),
     "q6_0": (26, 0, (0,)),
     "iq4_nl": (18, 0, (0,)),
+    "q2_k": (84, 0, (80, 82)),
+    "q3_k": (110, 0, (108,)),
     "q4_k": (144, 0, (0, 2)),
     "q5_k": (176, 0, (0, 2)),
     "q6_k": (210, 0, (208,)),
     "iq4_xs": (136, 0, (0,)),
+    "iq2_k": (76, 0, (0,)),
+    "iq3_k": (110, 0, (0,)),
     "iq4_k": (144, 0, (0,)),
+    "iq5_k": (176, 0, (0,)),
+    "iq6_k": (212, 0, (0,)),
     "iq4_ks": (136, 4, ()),
+    "iq4_kss": (128, 4, ()),
     "iq5_ks": (168, 4, ()),
+    "iq2_ks": (70, 2, ()),
+    "iq3_ks": (102, 2, ()),
+    "iq2_kl": (86, 2, ()),
 }
 
 needs_ext = pytest.mark.skipif(not cpu.available(), reason="fast CPU kernels not built for this machine")
@@ -57,9 +67,12 @@ def random_rows(type_name: str, n_rows: int, k: int, gen: torch.Generator) -> to
     for off in offsets:
         d = (torch.rand(n_rows, n_blocks, generator=gen) * 0.02 + 0.005).to(torch.float16)
         blocks[..., off : off + 2] = d.view(torch.uint8).view(n_rows, n_blocks, 2)
-    if meta == 4:
+    if meta == 4:  # float32 row scale
         d_row = torch.rand(n_rows, generator=gen) * 1e-3 + 1e-4
         rows[:, :4] = d_row.view(torch.uint8).view(n_rows, 4)
+    elif meta == 2:  # fp16 row scale
+        d_row = (torch.rand(n_rows, generator=gen) * 0.02 + 0.005).to(torch.float16)
+        rows[:, :2] = d_row.view(torch.uint8).view(n_rows, 2)
     return rows
 
 
@@ -145,19 +158,26 @@ def test_odd_row_lengths(type_name, isa):
             check(cpu.qmatmul(x, packed, type_name, threads=2), x, dense)
 
 
-@needs_ext
-@pytest.mark.parametrize("type_name", TYPES)
-def test_reference_vectors(type_name, isa):
-    """The reference library's own encodings (8 rows x 1024) of Gaussian and real SmolLM2 weights."""
+def reference_rows(type_name: str) -> list[torch.Tensor]:
+    """The reference library's encodings (8 rows x 1024 each) of Gaussian and real SmolLM2 weights."""
     # vector files use ggml's spelling: q4_K.npz (k-quants) but iq4_k.npz, iq4_ks.npz
     stem = type_name[:-2] + "_K" if type_name.startswith("q") and type_name.endswith("_k") else type_name
     z = np.load(QUANT_VECTORS / f"{stem}.npz")
+    return [torch.from_numpy(z[key]) for key in z.files if key.startswith("q_")]
+
+
+@needs_ext
+@pytest.mark.parametrize("type_name", TYPES)
+def test_reference_vectors(type_name, isa):
+    """Products with the reference library's encodings, against x @ decode(W).T.
+
+    The weights come from the package decoder, not the vectors' `y`: for iq6_k those come from the
+    reference's polynomial CPU decoder, while the kernels (like ik_llama.cpp's GEMM) use the table."""
     gen = torch.Generator().manual_seed(1)
-    for key in [k for k in z.files if k.startswith("q_")]:
-        packed = torch.from_numpy(z[key])
-        dense = torch.from_numpy(z["y_" + key[2:]])
+    for packed in reference_rows(type_name):
+        dense = torch.from_numpy(quant.decode(type_name, packed, 1024))
         for n in (3, 12):  # the fused decode kernels, and the batched path
-            x = torch.randn(n, dense.shape[1], generator=gen)
+            x = torch.randn(n, 1024, generator=gen)
             check(cpu.qmatmul(x, packed, type_name), x, dense)
 
 
@@ -173,6 +193,20 @@ def test_long_rows(type_name, isa):
     for n in (2, 9):
         x = torch.randn(n, k, generator=gen)
         check(cpu.qmatmul(x, packed, type_name, threads=2), x, dense)
+
+
+@needs_ext
+@pytest.mark.parametrize("type_name", TYPES)
+def test_unpack_exact(type_name, isa):
+    """Every decoded weight, read back through the generic (batch > 8) path with the identity as
+    activations: one-hot rows quantize exactly, so each output is one weight, dwl * q + mw, and must
+    equal the reference decoder's value up to float32 rounding. Reference encodings and random rows."""
+    gen = torch.Generator().manual_seed(5)
+    for packed in [*reference_rows(type_name), random_rows(type_name, 8, 1024, gen)]:
+        dense = torch.from_numpy(quant.decode(type_name, packed, 1024))
+        y = cpu.qmatmul(torch.eye(1024), packed, type_name).T
+        row_scale = dense.abs().amax(1, keepdim=True) + 1e-30
+        assert ((y - dense).abs() / row_scale).max().item() < 1e-6
 
 
 @needs_ext
@@ -211,7 +245,7 @@ def test_fallback_decision(monkeypatch):
         assert cpu.supports("q4_K") and cpu.supports("Q8_0") and cpu.supports("iq4_ks")
         assert cpu.isa() in ("avx2", "avx512vnni")
         assert cpu.supports("q4_K", 512) and not cpu.supports("q4_K", 896) and cpu.supports("q4_0", 896)
-    assert not cpu.supports("q2_K") and not cpu.supports("f16")
+    assert not cpu.supports("iq2_kt") and not cpu.supports("f16")
     monkeypatch.setattr(cpu, "_qgemm", None)
     assert not cpu.available()
     assert not cpu.supports("q4_0")

@@ -5,8 +5,8 @@ copy of the weight. The C extension `_qgemm` (built by setup.py; AVX2 or AVX-512
 time) quantizes the activations to 8-bit blocks of 32, as llama.cpp does for its CPU dot products, and
 multiplies them with the weight codes in integer arithmetic (dpbusd / maddubs), accumulating per block
 in float32. Two paths:
-- n <= 8 (decode, AVX-512): fused per-type kernels read the packed rows directly (every type but
-  q6_0);
+- n <= 8 (decode, AVX-512): fused per-type kernels read the packed rows directly, for the types that
+  have one (q4_0..q8_0, iq4_nl, q4_K..q6_K, iq4_xs, iq4_ks, iq4_k, iq5_ks);
 - otherwise (prefill, and the other types): weight rows are unpacked to 8-bit codes plus group scales
   in a small per-thread buffer. AVX-512: 16 rows at a time into a tile whose 4-weight lanes are
   interleaved, so one dpbusd serves 16 rows and the 8 activation rows of a micro-kernel call share
@@ -40,15 +40,25 @@ TYPE_IDS: dict[str, int] = {
     "q5_0": 6,
     "q5_1": 7,
     "q8_0": 8,
+    "q2_k": 10,
+    "q3_k": 11,
     "q4_k": 12,
     "q5_k": 13,
     "q6_k": 14,
     "iq4_nl": 20,
     "iq4_xs": 23,
     "q6_0": 133,
+    "iq2_k": 137,
+    "iq3_k": 138,
     "iq4_k": 139,
+    "iq5_k": 140,
+    "iq6_k": 141,
     "iq4_ks": 144,
+    "iq2_ks": 145,
+    "iq4_kss": 146,
     "iq5_ks": 152,
+    "iq3_ks": 156,
+    "iq2_kl": 157,
 }
 
 ISA_NAMES = ("none", "avx2", "avx512vnni")

@@ -56,6 +56,16 @@ int64_t qg_row_nbytes(int type, int64_t K) {
     case QG_IQ4_K: return k256 ? 144 * b256 : 0;
     case QG_IQ4_KS: return k256 ? 4 + 136 * b256 : 0;
     case QG_IQ5_KS: return k256 ? 4 + 168 * b256 : 0;
+    case QG_Q2_K: return k256 ? 84 * b256 : 0;
+    case QG_Q3_K: return k256 ? 110 * b256 : 0;
+    case QG_IQ2_K: return k256 ? 76 * b256 : 0;
+    case QG_IQ3_K: return k256 ? 110 * b256 : 0;
+    case QG_IQ5_K: return k256 ? 176 * b256 : 0;
+    case QG_IQ6_K: return k256 ? 212 * b256 : 0;
+    case QG_IQ2_KS: return k256 ? 2 + 70 * b256 : 0;
+    case QG_IQ4_KSS: return k256 ? 4 + 128 * b256 : 0;
+    case QG_IQ3_KS: return k256 ? 2 + 102 * b256 : 0;
+    case QG_IQ2_KL: return k256 ? 2 + 86 * b256 : 0;
     default: return 0;
     }
 }

@@ -4,8 +4,9 @@
  *     y[i] = dwl[i / 4] * q[i] + mw[i / 16]
  * with q an unsigned 8-bit code, dwl the group scale repeated for each 4-weight lane (the lane of an
  * integer dot product) and mw the group offset per 16 weights. Symmetric types store value + 128 (or
- * the natural unsigned code with its bias) and fold the bias into mw, so every kernel multiplies
- * unsigned codes with signed 8-bit activations. The layouts follow the modules of vramfit/quant (the bit-exact
+ * the natural unsigned code with its bias; the 2- and 3-bit IQK grids value + 32 or + 64, to stay
+ * below 128) and fold the bias into mw, so every kernel multiplies unsigned codes with signed 8-bit
+ * activations. Biases are powers of two, so mw = -bias * scale is exact. The layouts follow the modules of vramfit/quant (the bit-exact
  * Python decoders) and shared/docs/iqk-formats.md.
  *
  * Included by each per-ISA translation unit after its `#pragma GCC target`, so the plain loops here
@@ -32,6 +33,25 @@ static const uint8_t kv_iq5nl_128[64] = {
     127, 133, 139, 145, 151, 157, 164, 171, 179, 187, 196, 205, 215, 225, 237, 249,
     4,   16,  27,  38,  47,  56,  65,  73,  80,  87,  94,  100, 106, 112, 118, 124,
     129, 135, 141, 147, 153, 159, 166, 173, 181, 189, 198, 207, 217, 227, 239, 251,
+};
+
+/* iq2nl_values + 32 and iq3nl_values + 64 (base grids; the shifted grids are base + 5 and + 4):
+ * the 2- and 3-bit grids fit below 128 with a power-of-two offset */
+static const uint8_t kv_iq2nl_32[16] = {1, 19, 33, 49};
+static const uint8_t kv_iq3nl_64[16] = {1, 24, 41, 54, 65, 77, 92, 111};
+/* iq6nl_values + 128 (base; shifted = base + 1) */
+static const uint8_t kv_iq6nl_128[64] = {
+    1,   7,   13,  19,  24,  30,  35,  40,  44,  49,  54,  58,  62,  66,  70,  74,
+    77,  81,  84,  88,  91,  94,  97,  100, 103, 106, 109, 112, 115, 117, 120, 123,
+    126, 128, 131, 134, 137, 140, 142, 145, 148, 151, 155, 158, 161, 164, 168, 172,
+    175, 179, 183, 187, 191, 196, 200, 205, 210, 215, 220, 226, 231, 237, 243, 249,
+};
+/* iq2kl pair values + 64: the first weight of each of the 32 pairs, then the second */
+static const uint8_t kv_iq2kl_64[64] = {
+    1,  1,  24, 24, 24, 24,  41, 41, 41, 41, 41, 54, 54, 54, 54,  65,
+    65, 65, 65, 65, 77, 77,  77, 77, 77, 92, 92, 92, 92, 92, 111, 111,
+    41, 77, 1,  54, 77, 111, 24, 41, 65, 77, 92, 1,  65, 77, 111, 41,
+    54, 65, 77, 92, 24, 41,  54, 65, 77, 1,  41, 65, 92, 111, 41, 77,
 };
 
 static inline float h2f(const uint8_t *p) {
@@ -67,10 +87,52 @@ static inline __m256i table16(const uint8_t *lut) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut));
 }
 
+static inline unsigned u16at(const uint8_t *p) { return (unsigned)p[0] | (unsigned)p[1] << 8; }
+
 /* 16 bytes -> 32 codes: low nibble of byte j is weight j, high nibble weight j + 16 */
-static inline __m256i nib32(const uint8_t *qs) {
-    __m128i v = _mm_loadu_si128((const __m128i *)qs), m = _mm_set1_epi8(15);
+static inline __m256i nib32v(__m128i v) {
+    const __m128i m = _mm_set1_epi8(15);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+static inline __m256i nib32(const uint8_t *qs) { return nib32v(_mm_loadu_si128((const __m128i *)qs)); }
+
+static inline __m256i srl16(__m256i v, int n) { return _mm256_srl_epi16(v, _mm_cvtsi32_si128(n)); }
+
+/* 2-bit codes of the 32-weight group g in Q2_K plane order: weight j is (qs[32 (g / 4) + j] >> 2 (g % 4)) & 3 */
+static inline __m256i crumbs(const uint8_t *qs, int g) {
+    return _mm256_and_si256(srl16(load256(qs + 32 * (g / 4)), 2 * (g % 4)), _mm256_set1_epi8(3));
+}
+
+/* bit g of each byte of the bit-plane qh, moved to bit pos */
+static inline __m256i plane_bit(__m256i qh, int g, int pos) {
+    return _mm256_sll_epi16(_mm256_and_si256(srl16(qh, g), _mm256_set1_epi8(1)), _mm_cvtsi32_si128(pos));
+}
+
+/* byte i = 0xFF where bit `mask` of idx byte i is set */
+static inline __m256i has_bit(__m256i idx, char mask) {
+    const __m256i m = _mm256_set1_epi8(mask);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(idx, m), m);
+}
+
+/* lut[idx] for 5-bit and 6-bit indices (pshufb reads the low 4 bits; bits 4 and 5 pick the table) */
+static inline __m256i lookup32(const uint8_t *lut, __m256i idx) {
+    return _mm256_blendv_epi8(_mm256_shuffle_epi8(table16(lut), idx), _mm256_shuffle_epi8(table16(lut + 16), idx),
+                              has_bit(idx, 16));
+}
+static inline __m256i lookup64(const uint8_t *lut, __m256i idx) {
+    return _mm256_blendv_epi8(lookup32(lut, idx), lookup32(lut + 32, idx), has_bit(idx, 32));
+}
+
+/* grid shift of the 16-weight sub-blocks 2g (low lane) and 2g + 1 (high lane): delta where the
+ * sub-block's `extra` bit is set (every shifted grid is its base grid plus a constant) */
+static inline __m256i lane_shift(unsigned extra, int g, int delta) {
+    return _mm256_set_m128i(_mm_set1_epi8((char)(delta * ((extra >> (2 * g + 1)) & 1))),
+                            _mm_set1_epi8((char)(delta * ((extra >> (2 * g)) & 1))));
+}
+
+/* IQ4_K / IQ5_K 6-bit scale of sub-block k: nibble k % 2 of sl[k / 2] | crumb k % 4 of sh[k / 4] << 4, minus 32 */
+static inline int six_bit_scale(const uint8_t *sh, const uint8_t *sl, int k) {
+    return (((sl[k / 2] >> (4 * (k % 2))) & 15) | (((sh[k / 4] >> (2 * (k % 4))) & 3) << 4)) - 32;
 }
 
 /* byte i = 0xFF where bit i of x is set */
@@ -229,6 +291,36 @@ static void unpack_q6_K(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, f
     }
 }
 
+/* Q2_K: codes 0..3, offset -dmin * m per 16 weights */
+static void unpack_q2_K(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 84 * b; /* scales[16] | qs[64] | d | dmin */
+        float d = h2f(p + 80), dmin = h2f(p + 82);
+        for (int g = 0; g < 8; g++) store256(q + QKK * b + 32 * g, crumbs(p + 16, g));
+        for (int k = 0; k < 16; k++) set16(dwl, mw, 16 * b + k, d * (float)(p[k] & 15), -(dmin * (float)(p[k] >> 4)));
+    }
+}
+
+/* Q3_K 6-bit scale k: low nibble from scales[k % 8] (nibble k / 8), crumb k / 4 of scales[8 + k % 4] */
+static inline int q3_scale(const uint8_t *s, int k) {
+    return (((s[k % 8] >> (4 * (k / 8))) & 15) | (((s[8 + k % 4] >> (2 * (k / 4))) & 3) << 4)) - 32;
+}
+
+/* Q3_K: value = 2-bit code + 4 * hmask bit - 4, stored as the code 0..7 with offset -4 * scale */
+static void unpack_q3_K(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 110 * b; /* hmask[32] | qs[64] | scales[12] | d */
+        float d = h2f(p + 108);
+        __m256i hm = load256(p); /* bit g of hmask[j]: high bit of weight 32 g + j */
+        for (int g = 0; g < 8; g++)
+            store256(q + QKK * b + 32 * g, _mm256_or_si256(crumbs(p + 32, g), plane_bit(hm, g, 2)));
+        for (int k = 0; k < 16; k++) {
+            float dl = d * (float)q3_scale(p + 96, k);
+            set16(dwl, mw, 16 * b + k, dl, -4.0f * dl);
+        }
+    }
+}
+
 static void unpack_iq4_xs(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
     const __m256i lut = table16(kv_iq4nl_128);
     for (int64_t b = 0; b < K / QKK; b++) {
@@ -259,6 +351,27 @@ static void unpack_iq4_ks(const uint8_t *row, int64_t K, uint8_t *q, float *dwl,
     }
 }
 
+/* IQ4_KSS: IQ4_KS packed in 16-bit words: bit 0 of word k is bit k of the scale byte, and
+ * a ^ (a >> 1) with a = word & ~1 gives IQ4_KS qs bytes 2k, 2k + 1 */
+static void unpack_iq4_kss(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    const __m256i lut[2] = {table16(kv_iq4k_128), table16(kv_iq4k_128 + 16)};
+    const __m128i even = _mm_set1_epi16((short)0xFFFE);
+    float d_row = f32at(row);
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 4 + 128 * b;
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t *w = p + 16 * ib;
+            int s = 0;
+            for (int k = 0; k < 8; k++) s |= (w[2 * k] & 1) << k;
+            __m128i a = _mm_and_si128(_mm_loadu_si128((const __m128i *)w), even);
+            __m128i qs = _mm_xor_si128(a, _mm_srli_epi16(a, 1));
+            float dl = d_row * (float)((s & 0xFE) - 127);
+            store256(q + QKK * b + 32 * ib, _mm256_shuffle_epi8(lut[s & 1], nib32v(qs)));
+            set32(dwl, mw, 8 * b + ib, dl, -128.0f * dl);
+        }
+    }
+}
+
 static void unpack_iq4_k(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
     const __m128i lut[2] = {_mm_loadu_si128((const __m128i *)kv_iq4k_128),
                             _mm_loadu_si128((const __m128i *)(kv_iq4k_128 + 16))};
@@ -273,8 +386,84 @@ static void unpack_iq4_k(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, 
             store256(q + QKK * b + 32 * i, _mm256_shuffle_epi8(t, nib32(p + 16 + 16 * i)));
         }
         for (int k = 0; k < 16; k++) {
-            int L = (((sl[k / 2] >> (4 * (k % 2))) & 15) | (((sh[k / 4] >> (2 * (k % 4))) & 3) << 4)) - 32;
-            float dl = d * (float)L;
+            float dl = d * (float)six_bit_scale(sh, sl, k);
+            set16(dwl, mw, 16 * b + k, dl, -128.0f * dl);
+        }
+    }
+}
+
+/* IQ2_K: iq2nl values + 32 (all below 128), offset -32 * scale per 16 weights */
+static void unpack_iq2_k(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    const __m256i lut = table16(kv_iq2nl_32);
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 76 * b; /* d | extra | scales[8] | qs[64] */
+        float d = h2f(p);
+        unsigned extra = u16at(p + 2);
+        for (int g = 0; g < 8; g++) {
+            __m256i c = _mm256_shuffle_epi8(lut, crumbs(p + 12, g));
+            store256(q + QKK * b + 32 * g, _mm256_add_epi8(c, lane_shift(extra, g, 5)));
+        }
+        for (int k = 0; k < 16; k++) {
+            float dl = d * (float)(((p[4 + k / 2] >> (4 * (k % 2))) & 15) - 8);
+            set16(dwl, mw, 16 * b + k, dl, -32.0f * dl);
+        }
+    }
+}
+
+/* IQ3_K: iq3nl values + 64 (all below 128), offset -64 * scale per 16 weights */
+static void unpack_iq3_k(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    const __m256i lut = table16(kv_iq3nl_64);
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 110 * b; /* d | extra | signs u16 | scales_l[8] | qs[64] | qh[32] */
+        float d = h2f(p);
+        unsigned extra = u16at(p + 2), sign = u16at(p + 4);
+        __m256i qh = load256(p + 78); /* bit g of qh[j]: 3rd bit of weight 32 g + j */
+        for (int g = 0; g < 8; g++) {
+            __m256i idx = _mm256_or_si256(crumbs(p + 14, g), plane_bit(qh, g, 2));
+            __m256i c = _mm256_shuffle_epi8(lut, idx);
+            store256(q + QKK * b + 32 * g, _mm256_add_epi8(c, lane_shift(extra, g, 4)));
+        }
+        for (int k = 0; k < 16; k++) {
+            int L = 2 * ((p[6 + k / 2] >> (4 * (k % 2))) & 15) + 1;
+            float dl = d * (float)((sign >> k) & 1 ? -L : L);
+            set16(dwl, mw, 16 * b + k, dl, -64.0f * dl);
+        }
+    }
+}
+
+/* IQ5_K: iq5nl values + 128, 16-weight scales as IQ4_K */
+static void unpack_iq5_k(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 176 * b; /* d | extra | scales_h[4] | scales_l[8] | qs[128] | qh[32] */
+        float d = h2f(p);
+        unsigned extra = u16at(p + 2);
+        __m256i qh = load256(p + 144); /* bit g of qh[j]: 5th bit of weight 32 g + j */
+        for (int g = 0; g < 8; g++) { /* group g: nibble g % 2 of qs[32 (g / 2) + j] */
+            __m256i v = load256(p + 16 + 32 * (g / 2));
+            __m256i idx = _mm256_or_si256(g % 2 ? hi4(v) : lo4(v), plane_bit(qh, g, 4));
+            store256(q + QKK * b + 32 * g, _mm256_add_epi8(lookup32(kv_iq5nl_128, idx), lane_shift(extra, g, 2)));
+        }
+        for (int k = 0; k < 16; k++) {
+            float dl = d * (float)six_bit_scale(p + 4, p + 8, k);
+            set16(dwl, mw, 16 * b + k, dl, -128.0f * dl);
+        }
+    }
+}
+
+/* IQ6_K: iq6nl values + 128 (the integer table, spec 0.8), int8 scale per 16 weights */
+static void unpack_iq6_k(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 212 * b; /* d | extra | int8 scales[16] | qs[128] | qh[64] */
+        const int8_t *sc = (const int8_t *)(p + 4);
+        float d = h2f(p);
+        unsigned extra = u16at(p + 2);
+        for (int g = 0; g < 8; g++) { /* low nibble as IQ5_K; high crumb g % 4 of qh[32 (g / 4) + j] */
+            __m256i v = load256(p + 20 + 32 * (g / 2));
+            __m256i idx = _mm256_or_si256(g % 2 ? hi4(v) : lo4(v), _mm256_slli_epi16(crumbs(p + 148, g), 4));
+            store256(q + QKK * b + 32 * g, _mm256_add_epi8(lookup64(kv_iq6nl_128, idx), lane_shift(extra, g, 1)));
+        }
+        for (int k = 0; k < 16; k++) {
+            float dl = d * (float)sc[k];
             set16(dwl, mw, 16 * b + k, dl, -128.0f * dl);
         }
     }
@@ -302,6 +491,66 @@ static void unpack_iq5_ks(const uint8_t *row, int64_t K, uint8_t *q, float *dwl,
     }
 }
 
+/* IQ2_KS: fp16 row scale; iq2nl values + 32, offset -32 * scale per 32 weights */
+static void unpack_iq2_ks(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    const __m256i lut = table16(kv_iq2nl_32);
+    float d_row = h2f(row);
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 2 + 70 * b; /* extra | scales[4] | qs[64] */
+        unsigned extra = u16at(p); /* bits 0..7: grid shifts, 8..15: 5th scale bits */
+        for (int ib = 0; ib < 8; ib++) {
+            int L = (((p[2 + ib / 2] >> (4 * (ib % 2))) & 15) | (((extra >> (8 + ib)) & 1) << 4)) - 16;
+            float dl = d_row * (float)L;
+            __m256i c = _mm256_shuffle_epi8(lut, crumbs(p + 6, ib));
+            store256(q + QKK * b + 32 * ib, _mm256_add_epi8(c, _mm256_set1_epi8((char)(5 * ((extra >> ib) & 1)))));
+            set32(dwl, mw, 8 * b + ib, dl, -32.0f * dl);
+        }
+    }
+}
+
+/* IQ3_KS: fp16 row scale; iq3nl values + 64, offset -64 * scale per 32 weights */
+static void unpack_iq3_ks(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    const __m256i lut = table16(kv_iq3nl_64);
+    float d_row = h2f(row);
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 2 + 102 * b; /* extra | scales[4] | qs[64] | qh[32] */
+        unsigned extra = u16at(p); /* bits 0..7: 5th scale bits, 8..15: grid shifts */
+        __m256i qh = load256(p + 70);
+        for (int ib = 0; ib < 8; ib++) {
+            int L = (((p[2 + ib % 4] >> (4 * (ib / 4))) & 15) | (((extra >> ib) & 1) << 4)) - 16;
+            float dl = d_row * (float)L;
+            __m256i c = _mm256_shuffle_epi8(lut, _mm256_or_si256(crumbs(p + 6, ib), plane_bit(qh, ib, 2)));
+            store256(q + QKK * b + 32 * ib, _mm256_add_epi8(c, _mm256_set1_epi8((char)(4 * ((extra >> (8 + ib)) & 1)))));
+            set32(dwl, mw, 8 * b + ib, dl, -64.0f * dl);
+        }
+    }
+}
+
+/* IQ2_KL: fp16 row scale; a 5-bit index per pair of weights into a table of value pairs (+ 64) */
+static void unpack_iq2_kl(const uint8_t *row, int64_t K, uint8_t *q, float *dwl, float *mw) {
+    float d_row = h2f(row);
+    for (int64_t b = 0; b < K / QKK; b++) {
+        const uint8_t *p = row + 2 + 86 * b; /* scales_h u16 | scales_l[4] | qs[64] | qh[16] */
+        unsigned sh = u16at(p);
+        __m128i qh = _mm_loadu_si128((const __m128i *)(p + 70)); /* bit ib of qh[j]: 5th bit of pair j */
+        uint8_t *o = q + QKK * b;
+        for (int c = 0; c < 4; c++) { /* sub-blocks 2c (low lane: low nibbles) and 2c + 1 (high nibbles) */
+            __m256i hb = _mm256_set_m128i(_mm_srl_epi16(qh, _mm_cvtsi32_si128(2 * c + 1)),
+                                          _mm_srl_epi16(qh, _mm_cvtsi32_si128(2 * c)));
+            __m256i idx = _mm256_or_si256(nib32(p + 6 + 16 * c), _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(1)), 4));
+            __m256i first = lookup32(kv_iq2kl_64, idx), second = lookup32(kv_iq2kl_64 + 32, idx);
+            __m256i lo = _mm256_unpacklo_epi8(first, second), hi = _mm256_unpackhi_epi8(first, second);
+            store256(o + 64 * c, _mm256_permute2x128_si256(lo, hi, 0x20));
+            store256(o + 64 * c + 32, _mm256_permute2x128_si256(lo, hi, 0x31));
+        }
+        for (int ib = 0; ib < 8; ib++) {
+            int L = (((p[2 + ib % 4] >> (4 * (ib / 4))) & 15) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
+            float dl = d_row * (float)L;
+            set32(dwl, mw, 8 * b + ib, dl, -64.0f * dl);
+        }
+    }
+}
+
 static unpack_fn pick_unpack(int type) {
     switch (type) {
     case QG_Q4_0: return unpack_q4_0;
@@ -318,6 +567,16 @@ static unpack_fn pick_unpack(int type) {
     case QG_IQ4_KS: return unpack_iq4_ks;
     case QG_IQ4_K: return unpack_iq4_k;
     case QG_IQ5_KS: return unpack_iq5_ks;
+    case QG_Q2_K: return unpack_q2_K;
+    case QG_Q3_K: return unpack_q3_K;
+    case QG_IQ2_K: return unpack_iq2_k;
+    case QG_IQ3_K: return unpack_iq3_k;
+    case QG_IQ5_K: return unpack_iq5_k;
+    case QG_IQ6_K: return unpack_iq6_k;
+    case QG_IQ2_KS: return unpack_iq2_ks;
+    case QG_IQ4_KSS: return unpack_iq4_kss;
+    case QG_IQ3_KS: return unpack_iq3_ks;
+    case QG_IQ2_KL: return unpack_iq2_kl;
     default: return 0;
     }
 }
@@ -330,7 +589,8 @@ static unpack_fn pick_unpack(int type) {
  *   values and adds no offsets). */
 static __attribute__((unused)) int unpack_group(int type) {
     switch (type) {
-    case QG_Q6_K: case QG_IQ4_K: return 16;
+    case QG_Q2_K: case QG_Q3_K: case QG_Q6_K: case QG_IQ2_K: case QG_IQ3_K: case QG_IQ4_K: case QG_IQ5_K: case QG_IQ6_K:
+        return 16;
     default: return 32;
     }
 }
@@ -338,6 +598,7 @@ static __attribute__((unused)) int unpack_group(int type) {
 static __attribute__((unused)) int unpack_small(int type) {
     switch (type) {
     case QG_Q4_0: case QG_Q4_1: case QG_Q5_0: case QG_Q5_1: case QG_Q6_0: case QG_Q4_K: case QG_Q5_K: case QG_Q6_K:
+    case QG_Q2_K: case QG_Q3_K: case QG_IQ2_K: case QG_IQ3_K: case QG_IQ2_KS: case QG_IQ3_KS: case QG_IQ2_KL:
         return 1;
     default: return 0;
     }
