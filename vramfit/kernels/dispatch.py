@@ -110,6 +110,17 @@ class QWeight:
         return self.packed.numel()
 
 
+def fast_attention(q: torch.Tensor, head_dim: int) -> bool:
+    """Whether prefill attention for these queries runs on the C kernel (float32 on a CPU with
+    AVX-512; the reference backend keeps torch's SDPA as the oracle)."""
+    return (
+        _backend != "reference"
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and cpu_kernels.attention_supported(head_dim)
+    )
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: one C call on the fast CPU path, torch's op otherwise."""
     fast = _backend != "reference" and x.device.type == "cpu" and cpu_kernels.available()

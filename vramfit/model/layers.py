@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vramfit.kernels import cpu as cpu_kernels
 from vramfit.kernels import dispatch
 from vramfit.kernels.dispatch import QWeight, linear
 from vramfit.model.kvcache import KVSpec, KVStore
@@ -149,14 +150,17 @@ def attention(q: torch.Tensor, cache: KVCache, layer: int, start: int, scale: fl
         q = q @ cache.k_store.rotation
     if n == 1:
         out = _decode_attention(q, k, v, scale)
+    elif dispatch.fast_attention(q, head_dim):  # the C flash-attention kernel
+        out = cpu_kernels.attention(q.contiguous(), k, v, start, scale, dispatch.get_threads())
     else:
         qh = q.transpose(0, 1)  # (n_heads, n, head_dim)
-        q_pos = torch.arange(start, end)[:, None]
-        mask = torch.arange(end)[None, :] <= q_pos  # (n, end)
+        # from position 0 torch's own causal mask is the right one (and faster than an explicit one)
+        mask = None if start == 0 else torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
         with dispatch.parallel_torch():  # 4-D inputs reach torch's fused (flash) CPU kernel
             out = F.scaled_dot_product_attention(
-                qh[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
-            )[0]
+                qh[None], k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale,
+                enable_gqa=True,
+            )[0]  # fmt: skip
         out = out.transpose(0, 1).reshape(n, n_heads * head_dim)
     if cache.v_store.rotation is not None:  # values are stored rotated: rotate the output back
         out = (out.view(n, n_heads, head_dim) @ cache.v_store.rotation).reshape(n, n_heads * head_dim)

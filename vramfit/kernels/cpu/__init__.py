@@ -132,4 +132,46 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-__all__ = ["available", "isa", "qmatmul", "rms_norm", "row_nbytes", "set_isa", "supports"]
+def attention_supported(head_dim: int) -> bool:
+    """Whether `attention` runs here: AVX-512 in use and head_dim a multiple of 16 up to 256."""
+    return available() and _qgemm.cpu_level() >= 2 and head_dim % 16 == 0 and 0 < head_dim <= 256
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float, threads: int
+) -> torch.Tensor:
+    """Causal GQA attention of n new tokens at positions start.. over a float32 cache.
+
+    q (n, n_heads, head_dim) contiguous; k, v (n_kv_heads, >= start + n, head_dim) with contiguous
+    rows (a layer of the KV cache); returns (n, n_heads * head_dim). Query i sees keys 0..start+i.
+    The kernel (qattn_avx512.c) is flash attention with an online softmax, in float32.
+    """
+    n, n_heads, head_dim = q.shape
+    n_kv = k.shape[0]
+    if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
+        raise TypeError("attention expects float32 q, k and v")
+    if v.stride() != k.stride():  # e.g. a decoded (quantized) K beside a float V still in the cache
+        k, v = k.contiguous(), v.contiguous()
+    if not q.is_contiguous() or k.stride()[1:] != (head_dim, 1):
+        raise ValueError("attention expects contiguous queries and cache rows")
+    if k.shape[1] < start + n:
+        raise ValueError(f"the cache holds {k.shape[1]} positions, attention needs {start + n}")
+    out = torch.empty((n, n_heads * head_dim), dtype=torch.float32)
+    _qgemm.attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, start, n_heads, n_kv, head_dim,
+        k.stride(0), float(scale), threads,
+    )  # fmt: skip
+    return out
+
+
+__all__ = [
+    "attention",
+    "attention_supported",
+    "available",
+    "isa",
+    "qmatmul",
+    "rms_norm",
+    "row_nbytes",
+    "set_isa",
+    "supports",
+]

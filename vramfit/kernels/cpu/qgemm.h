@@ -58,6 +58,19 @@ int64_t qg_row_nbytes(int type, int64_t K);
 typedef void (*qg_task)(void *arg, int tid);
 void qg_parallel(qg_task task, void *arg, int nth);
 
+/* causal attention of n new queries (positions start..) over a float32 cache (qattn_avx512.c) */
+typedef struct {
+    const float *q;          /* (n, n_heads, head_dim) */
+    const float *k, *v;      /* (n_kv_heads, >= start + n, head_dim), heads kv_head_stride floats apart */
+    float *out;              /* (n, n_heads, head_dim) */
+    int64_t n, start, n_heads, n_kv_heads, head_dim, kv_head_stride;
+    float scale;
+    int nthreads;
+} qg_attn_args;
+
+/* 0 on success, 1 on bad arguments (head_dim not a multiple of 16 or above 256, ...), 2 out of memory */
+int qg_attention_avx512(const qg_attn_args *a);
+
 /* per-ISA entry points; return 0 on success, nonzero on bad arguments/allocation failure */
 int qg_matmul_avx2(const qg_args *a);
 int qg_matmul_avx512(const qg_args *a);

@@ -258,6 +258,45 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* attention(q, k, v, out, n, start, n_heads, n_kv_heads, head_dim, kv_head_stride, scale, nthreads) */
+static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "attention expects 12 arguments");
+        return NULL;
+    }
+    qg_attn_args a;
+    a.q = (const float *)PyLong_AsVoidPtr(args[0]);
+    a.k = (const float *)PyLong_AsVoidPtr(args[1]);
+    a.v = (const float *)PyLong_AsVoidPtr(args[2]);
+    a.out = (float *)PyLong_AsVoidPtr(args[3]);
+    a.n = PyLong_AsLongLong(args[4]);
+    a.start = PyLong_AsLongLong(args[5]);
+    a.n_heads = PyLong_AsLongLong(args[6]);
+    a.n_kv_heads = PyLong_AsLongLong(args[7]);
+    a.head_dim = PyLong_AsLongLong(args[8]);
+    a.kv_head_stride = PyLong_AsLongLong(args[9]);
+    a.scale = (float)PyFloat_AsDouble(args[10]);
+    a.nthreads = (int)PyLong_AsLong(args[11]);
+    if (PyErr_Occurred()) return NULL;
+    if (level < 2) {
+        PyErr_SetString(PyExc_RuntimeError, "the attention kernel needs AVX-512");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&lock);
+    rc = qg_attention_avx512(&a);
+    pthread_mutex_unlock(&lock);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_SetString(rc == 2 ? PyExc_MemoryError : PyExc_ValueError,
+                        rc == 2 ? "attention: out of memory" : "attention: unsupported shape");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL,
      "rmsnorm(x_ptr, w_ptr, out_ptr, rows, K, eps)"},
@@ -267,6 +306,8 @@ static PyMethodDef methods[] = {
      "bytes per packed row for (type_id, K); 0 when unsupported"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
      "matmul(x_ptr, n, K, w_ptr, N, row_nbytes, type_id, out_ptr, nthreads)"},
+    {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
+     "attention(q, k, v, out, n, start, n_heads, n_kv_heads, head_dim, kv_head_stride, scale, nthreads)"},
     {NULL, NULL, 0, NULL},
 };
 
