@@ -1,4 +1,5 @@
-"""The C prefill attention kernel (vramfit.kernels.cpu.attention) against torch's SDPA in float32.
+"""The C prefill attention kernel (vramfit.kernels.cpu.attention) against torch's SDPA in float32,
+and the SwiGLU kernel against torch.
 
 Shapes cover grouped-query heads, head dims from 16 to 256, batches that are not a multiple of the
 kernel's 8-row query blocks, caches that already hold earlier positions (chunked prefill) and key
@@ -97,3 +98,18 @@ def test_bad_arguments():
         bad = torch.randn(4, 3, 64)  # 3 query heads over 2 kv heads
         cpu.attention(bad, torch.randn(2, 8, 64), torch.randn(2, 8, 64), 0, 0.1, 1)
     assert not cpu.attention_supported(72) and not cpu.attention_supported(512)
+
+
+@pytest.mark.skipif(not cpu.swiglu_supported(), reason="the SwiGLU kernel needs AVX-512")
+def test_swiglu_matches_torch():
+    """dispatch.swiglu on a stacked [gate | up] product equals silu(gate) * up; other inputs fall back."""
+    gen = torch.Generator().manual_seed(6)
+    for n, n_ff in ((1, 1536), (7, 100), (512, 4864)):
+        gu = torch.randn(n, 2 * n_ff, generator=gen) * 6
+        gate, up = gu.split(n_ff, dim=-1)
+        ref = F.silu(gate.double()) * up.double()
+        out = dispatch.swiglu(gate, up)
+        assert out.shape == (n, n_ff)
+        assert ((out.double() - ref).abs() / (ref.abs() + 1e-3)).max().item() < 1e-5
+    a, b = torch.randn(3, 8), torch.randn(3, 8)  # separate tensors: torch's ops
+    assert torch.equal(dispatch.swiglu(a, b), F.silu(a) * b)

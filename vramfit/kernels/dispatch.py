@@ -121,6 +121,23 @@ def fast_attention(q: torch.Tensor, head_dim: int) -> bool:
     )
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up. One threaded C pass when gate and up are the two halves of one stacked
+    (n, 2 * n_ff) product (FusedLinear's output); torch's two ops otherwise."""
+    n_ff = gate.shape[-1]
+    stacked = (
+        gate.dim() == 2
+        and gate.stride() == (2 * n_ff, 1)
+        and up.stride() == gate.stride()
+        and up.data_ptr() == gate.data_ptr() + 4 * n_ff
+    )
+    if stacked and _backend != "reference" and gate.dtype == torch.float32 and gate.device.type == "cpu":
+        if cpu_kernels.swiglu_supported():
+            base = gate.as_strided((gate.shape[0], 2 * n_ff), (2 * n_ff, 1))
+            return cpu_kernels.swiglu(base, _threads)
+    return torch.nn.functional.silu(gate) * up
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: one C call on the fast CPU path, torch's op otherwise."""
     fast = _backend != "reference" and x.device.type == "cpu" and cpu_kernels.available()

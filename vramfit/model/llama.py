@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from vramfit.kernels.dispatch import FusedLinear, QWeight, linear, permute_rows
+from vramfit.kernels.dispatch import FusedLinear, QWeight, linear, permute_rows, swiglu
 from vramfit.model.layers import KVCache, Rope, RopeConfig, attention, neox_to_pairs, rms_norm
 from vramfit.model.loader import WeightSource, require
 
@@ -184,7 +183,7 @@ class LlamaModel:
         for i, blk in enumerate(self.blocks):
             x = x + self._attention(blk, rms_norm(x, blk.attn_norm, eps), cache, i, start, rot)
             gate, up = blk.gate_up(rms_norm(x, blk.ffn_norm, eps))
-            x = x + linear(F.silu(gate).mul_(up), blk.w_down)
+            x = x + linear(swiglu(gate, up), blk.w_down)
         return rms_norm(x, self.norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vramfit.kernels.dispatch import FusedLinear, QWeight, linear
+from vramfit.kernels.dispatch import FusedLinear, QWeight, linear, swiglu
 from vramfit.model.layers import KVCache, Rope, attention, neox_to_pairs, rms_norm
 from vramfit.model.llama import LlamaConfig, embeddings_and_head
 from vramfit.model.loader import WeightSource, require
@@ -413,7 +413,7 @@ class Qwen35Model:
             else:
                 x = x + blk.mixer(h, rows, blk.slot, self.rope, rot)
             gate, up = blk.gate_up(rms_norm(x, blk.ffn_norm, eps))
-            x = x + linear(F.silu(gate).mul_(up), blk.w_down)
+            x = x + linear(swiglu(gate, up), blk.w_down)
         for cache, start, n in zip(caches, starts, rows.lengths, strict=True):
             cache.pos = start + n
         return list(rows.split(rms_norm(x, self.norm, eps)))

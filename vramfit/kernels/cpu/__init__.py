@@ -164,6 +164,20 @@ def attention(
     return out
 
 
+def swiglu_supported() -> bool:
+    return available() and _qgemm.cpu_level() >= 2
+
+
+def swiglu(gate_up: torch.Tensor, threads: int) -> torch.Tensor:
+    """silu(gate) * up for a contiguous float32 (n, 2 * n_ff) tensor holding [gate | up] per row."""
+    if gate_up.dtype != torch.float32 or not gate_up.is_contiguous() or gate_up.shape[-1] % 2:
+        raise ValueError("swiglu expects a contiguous float32 [gate | up] tensor")
+    n_ff = gate_up.shape[-1] // 2
+    out = torch.empty((*gate_up.shape[:-1], n_ff), dtype=torch.float32)
+    _qgemm.swiglu(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n_ff), n_ff, threads)
+    return out
+
+
 __all__ = [
     "attention",
     "attention_supported",
@@ -174,4 +188,6 @@ __all__ = [
     "row_nbytes",
     "set_isa",
     "supports",
+    "swiglu",
+    "swiglu_supported",
 ]

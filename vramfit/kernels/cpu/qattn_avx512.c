@@ -17,6 +17,7 @@
 #include <string.h>
 #include <immintrin.h>
 #include "qgemm.h"
+#include "qmath_avx512.h"
 
 #define QB 8   /* query rows per item */
 #define KB 64  /* keys per online-softmax step */
@@ -24,22 +25,6 @@
 
 static float *kt_buf;
 static size_t kt_cap;
-
-/* 2^x for x <= 0 (x >= -126 after the clamp) */
-static inline __m512 exp2_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n); /* [-0.5, 0.5] */
-    __m512 p = _mm512_set1_ps(1.5252734e-05f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530e-04f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 typedef struct {
     const qg_attn_args *a;

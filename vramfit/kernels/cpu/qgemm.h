@@ -71,6 +71,9 @@ typedef struct {
 /* 0 on success, 1 on bad arguments (head_dim not a multiple of 16 or above 256, ...), 2 out of memory */
 int qg_attention_avx512(const qg_attn_args *a);
 
+/* out[r] = silu(gu[r, :n_ff]) * gu[r, n_ff:] for rows r (qops_avx512.c) */
+void qg_swiglu_avx512(const float *gu, float *out, int64_t rows, int64_t n_ff, int nthreads);
+
 /* per-ISA entry points; return 0 on success, nonzero on bad arguments/allocation failure */
 int qg_matmul_avx2(const qg_args *a);
 int qg_matmul_avx512(const qg_args *a);

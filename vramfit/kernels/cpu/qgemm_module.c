@@ -297,6 +297,30 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* swiglu(gu_ptr, out_ptr, rows, n_ff, nthreads) */
+static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "swiglu expects 5 arguments");
+        return NULL;
+    }
+    const float *gu = (const float *)PyLong_AsVoidPtr(args[0]);
+    float *out = (float *)PyLong_AsVoidPtr(args[1]);
+    long long rows = PyLong_AsLongLong(args[2]), n_ff = PyLong_AsLongLong(args[3]);
+    int nth = (int)PyLong_AsLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    if (level < 2) {
+        PyErr_SetString(PyExc_RuntimeError, "swiglu needs AVX-512");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&lock);
+    qg_swiglu_avx512(gu, out, rows, n_ff, nth);
+    pthread_mutex_unlock(&lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL,
      "rmsnorm(x_ptr, w_ptr, out_ptr, rows, K, eps)"},
@@ -306,6 +330,7 @@ static PyMethodDef methods[] = {
      "bytes per packed row for (type_id, K); 0 when unsupported"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
      "matmul(x_ptr, n, K, w_ptr, N, row_nbytes, type_id, out_ptr, nthreads)"},
+    {"swiglu", (PyCFunction)(void (*)(void))py_swiglu, METH_FASTCALL, "swiglu(gu_ptr, out_ptr, rows, n_ff, nthreads)"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
      "attention(q, k, v, out, n, start, n_heads, n_kv_heads, head_dim, kv_head_stride, scale, nthreads)"},
     {NULL, NULL, 0, NULL},
