@@ -340,26 +340,56 @@ static inline int64_t tile_bytes(int64_t klen) { return IR * klen + 2 * IR * 4 *
 /* room for IR packed row chunks of klen weights (at most 34 bytes per 32, plus a row scale) */
 static inline int64_t packed_bytes(int64_t klen) { return IR * round64(klen * 17 / 16 + 64); }
 
-/* rows[0..nr) unpacked (through the linear scratch row `tmp` of layout L) into the tile */
+/* 16 x 16 dwords transposed in registers: r[i][c] -> r[c][i] (64 shuffles) */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int j = 0; j < 4; j++) { /* u[4j + k], lane L: column 4L + k of rows 4j..4j+3 */
+        u[4 * j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 1] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 2] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
+        u[4 * j + 3] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i p01 = _mm512_shuffle_i32x4(u[k], u[4 + k], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i q01 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i p23 = _mm512_shuffle_i32x4(u[k], u[4 + k], _MM_SHUFFLE(3, 2, 3, 2));
+        const __m512i q23 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], _MM_SHUFFLE(3, 2, 3, 2));
+        r[k] = _mm512_shuffle_i32x4(p01, q01, _MM_SHUFFLE(2, 0, 2, 0));
+        r[4 + k] = _mm512_shuffle_i32x4(p01, q01, _MM_SHUFFLE(3, 1, 3, 1));
+        r[8 + k] = _mm512_shuffle_i32x4(p23, q23, _MM_SHUFFLE(2, 0, 2, 0));
+        r[12 + k] = _mm512_shuffle_i32x4(p23, q23, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+}
+
+/* rows[0..nr) unpacked into 16 linear rows `lin` (layout L, stride L->stride), then moved into the
+ * tile: codes by 16 x 16 dword transposes, the per-group scales and offsets by gathers across rows.
+ * Rows nr..15 get zero codes and scales; their lanes are never stored. */
 static void fill_tile(const uint8_t *const *rows, int nr, int64_t klen, unpack_fn unpack, const layout *L,
-                      int group, uint8_t *tmp, uint8_t *tile) {
-    uint32_t *tc = (uint32_t *)tile;
+                      int group, uint8_t *lin, uint8_t *tile) {
+    const int64_t S = L->stride, ng = klen / group;
+    for (int r = 0; r < nr; r++)
+        unpack(rows[r], klen, lin + r * S, (float *)(lin + r * S + L->dl), (float *)(lin + r * S + L->sm));
+    for (int64_t c0 = 0; c0 < klen; c0 += 64) { /* 64 weights = 16 lanes of every row */
+        const int nq = klen - c0 >= 64 ? 16 : (int)(klen - c0) / 4;
+        const __mmask16 m = nq == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nq) - 1);
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) v[r] = r < nr ? _mm512_maskz_loadu_epi32(m, lin + r * S + c0) : _mm512_setzero_si512();
+        transpose16(v);
+        for (int q = 0; q < nq; q++) _mm512_storeu_si512(tile + (c0 / 4 + q) * 64, v[q]);
+    }
+    const __mmask16 live = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+    const __m512i rowf = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)(S / 4))); /* row starts, in floats */
+    const float *dwl = (const float *)(lin + L->dl), *mw = (const float *)(lin + L->sm);
     float *tdw = (float *)(tile + tile_dw(klen)), *tmw = (float *)(tile + tile_mw(klen, group));
-    const int64_t nq = klen / 4, ng = klen / group;
-    for (int r = 0; r < IR; r++) {
-        if (r >= nr) { /* missing rows: zero codes and scales, their lanes are never stored */
-            for (int64_t q = 0; q < nq; q++) tc[IR * q + r] = 0;
-            for (int64_t g = 0; g < ng; g++) tdw[IR * g + r] = tmw[IR * g + r] = 0.0f;
-            continue;
-        }
-        const float *dwl = (const float *)(tmp + L->dl), *mw = (const float *)(tmp + L->sm);
-        unpack(rows[r], klen, tmp, (float *)(tmp + L->dl), (float *)(tmp + L->sm));
-        const uint32_t *c = (const uint32_t *)tmp;
-        for (int64_t q = 0; q < nq; q++) tc[IR * q + r] = c[q];
-        for (int64_t g = 0; g < ng; g++) {
-            tdw[IR * g + r] = dwl[g * group / 4];
-            tmw[IR * g + r] = mw[g * group / 16];
-        }
+    for (int64_t g = 0; g < ng; g++) {
+        const __m512 z = _mm512_setzero_ps();
+        _mm512_storeu_ps(tdw + IR * g, _mm512_mask_i32gather_ps(z, live, _mm512_add_epi32(rowf, _mm512_set1_epi32((int)(g * group / 4))), dwl, 4));
+        _mm512_storeu_ps(tmw + IR * g, _mm512_mask_i32gather_ps(z, live, _mm512_add_epi32(rowf, _mm512_set1_epi32((int)(g * group / 16))), mw, 4));
     }
 }
 
@@ -436,7 +466,7 @@ typedef struct {
 } plan;
 
 #if QG_W == 512
-/* run_item for interleaved tiles: scratch = linear row, packed-chunk copy, tile, output block */
+/* run_item for interleaved tiles: scratch = 16 linear rows, packed-chunk copies, tile, output block */
 static void irun_item(const plan *p, int64_t item, uint8_t *ubuf) {
     const qg_args *a = p->a;
     const int64_t chunk = item / p->ntiles, tile = item % p->ntiles;
@@ -444,7 +474,7 @@ static void irun_item(const plan *p, int64_t item, uint8_t *ubuf) {
     const int nr = (int)(r_end - r0);
     const int64_t y0 = chunk * p->nc, y_end = a->n < y0 + p->nc ? a->n : y0 + p->nc;
     const int64_t stride = p->L->stride, istride = p->IL.stride;
-    uint8_t *tmp = ubuf, *packed = ubuf + stride, *tbuf = packed + packed_bytes(p->kc);
+    uint8_t *lin = ubuf, *packed = ubuf + IR * stride, *tbuf = packed + packed_bytes(p->kc);
     float *obuf = (float *)(tbuf + round64(tile_bytes(p->kc)));
     for (int64_t kk = 0; kk < p->nkc; kk++) {
         const int64_t k0 = kk * p->kc, klen = a->K - k0 < p->kc ? a->K - k0 : p->kc;
@@ -459,7 +489,7 @@ static void irun_item(const plan *p, int64_t item, uint8_t *ubuf) {
                 rows[r] = dst;
             }
         }
-        fill_tile(rows, nr, klen, p->unpack, p->L, p->group, tmp, tbuf);
+        fill_tile(rows, nr, klen, p->unpack, p->L, p->group, lin, tbuf);
         const uint8_t *act = p->act + kk * a->n * istride;
         for (int64_t y = y0; y < y_end; y += IY) {
             const int ny = y_end - y < IY ? (int)(y_end - y) : IY;
@@ -595,8 +625,8 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
     uint8_t *act = grow(&act_buf, &act_cap, (size_t)(nkc * n * astride));
     if (!act) return 2;
     size_t scratch = (size_t)((NWMAX + 2) * L.stride + ROWS_PER_ITEM * nc * 4); /* rows, 2 spare, output */
-#if QG_W == 512 /* linear row, packed chunks, tile, output */
-    scratch = (size_t)(L.stride + packed_bytes(kc) + round64(tile_bytes(kc)) + IR * nc * 4);
+#if QG_W == 512 /* linear rows, packed chunks, tile, output */
+    scratch = (size_t)(IR * L.stride + packed_bytes(kc) + round64(tile_bytes(kc)) + IR * nc * 4);
 #endif
     for (int t = 0; t < nth; t++)
         if (!grow(&unp_buf[t], &unp_cap[t], scratch)) return 2;
