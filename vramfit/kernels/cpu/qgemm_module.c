@@ -18,6 +18,7 @@
 #include <time.h>
 #include <xmmintrin.h>
 #include "qgemm.h"
+#include "qlayer.h"
 
 static int detected = -1; /* 0 none, 1 AVX2, 2 AVX-512 VNNI */
 static int level = -1;    /* the level in use (tests may lower it) */
@@ -158,6 +159,9 @@ void qg_parallel(qg_task task, void *arg, int nth) {
     while (atomic_load(&pool.active) > 0) _mm_pause();
 }
 
+int qg_level(void) { return level; }
+pthread_mutex_t *qg_lock(void) { return &lock; }
+
 static PyObject *py_cpu_level(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -257,6 +261,9 @@ static PyMethodDef methods[] = {
      "bytes per packed row for (type_id, K); 0 when unsupported"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
      "matmul(x_ptr, n, K, w_ptr, N, row_nbytes, type_id, out_ptr, nthreads)"},
+    {"decode_layers", (PyCFunction)(void (*)(void))ql_py_decode_layers, METH_FASTCALL,
+     "decode_layers(model_ptr, x_ptr, pos, rope_ptr, k_ptr, v_ptr, cache_ctx, first, stop, nthreads)"},
+    {"layer_struct_sizes", ql_py_struct_sizes, METH_NOARGS, "sizes of the decode_layers descriptors"},
     {NULL, NULL, 0, NULL},
 };
 
