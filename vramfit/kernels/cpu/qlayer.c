@@ -165,16 +165,44 @@ static void silu_mul(float *gate, const float *up, int64_t n) {
     for (; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-/* q . k over D floats, D a multiple of 8 */
-static inline float dot(const float *q, const float *k, int64_t D) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(k + d + 8), s1);
+/* [sum(a[0]), ..., sum(a[7])] */
+static inline __m256 hsum8x8(const __m256 a[8]) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* per 128-bit half */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* s[t] = scale * q . k[t] for t < T (D a multiple of 8): eight keys at a time, whose partial sums
+ * are reduced together */
+static void scores(const float *q, const float *k, int64_t T, int64_t D, float scale, float *s) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + d);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (t + j) * D + d), acc[j]);
+        }
+        _mm256_storeu_ps(s + t, _mm256_mul_ps(hsum8x8(acc), sc));
     }
-    if (d < D) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), s0);
-    return hsum8(_mm256_add_ps(s0, s1));
+    for (; t < T; t++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + t * D + d), acc);
+        s[t] = hsum8(acc) * scale;
+    }
+}
+
+static float max_of(const float *s, int64_t T) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    for (; t < T; t++) mx = s[t] > mx ? s[t] : mx;
+    return mx;
 }
 
 /* s[t] = exp(s[t] - mx) for t < T; returns their sum */
@@ -197,41 +225,32 @@ static float exp_shifted(float *s, int64_t T, float mx) {
     return hsum8(acc);
 }
 
-/* out[d] = c * sum_t p[t] v[t, d], for D a multiple of 8; 32 columns at a time in registers */
+/* out[d] = c * sum_t p[t] v[t, d] (D a multiple of 8): 64 columns at a time in eight accumulators */
 static void weighted_rows(const float *p, const float *v, int64_t T, int64_t D, float c, float *out) {
-    int64_t d = 0;
-    for (; d + 32 <= D; d += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t t = 0; t < T; t++) {
-            const __m256 pt = _mm256_broadcast_ss(p + t);
-            const float *vt = v + t * D + d;
-            a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt), a0);
-            a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8), a1);
-            a2 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 16), a2);
-            a3 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 24), a3);
+    for (int64_t d = 0; d < D; d += 64) {
+        const int nv = D - d >= 64 ? 8 : (int)(D - d) / 8;
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        if (nv == 8) {
+            for (int64_t t = 0; t < T; t++) {
+                const __m256 pt = _mm256_broadcast_ss(p + t);
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * D + d + 8 * j), acc[j]);
+            }
+        } else {
+            for (int64_t t = 0; t < T; t++) {
+                const __m256 pt = _mm256_broadcast_ss(p + t);
+                for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * D + d + 8 * j), acc[j]);
+            }
         }
-        const __m256 cv = _mm256_set1_ps(c);
-        _mm256_storeu_ps(out + d, _mm256_mul_ps(a0, cv));
-        _mm256_storeu_ps(out + d + 8, _mm256_mul_ps(a1, cv));
-        _mm256_storeu_ps(out + d + 16, _mm256_mul_ps(a2, cv));
-        _mm256_storeu_ps(out + d + 24, _mm256_mul_ps(a3, cv));
-    }
-    for (; d < D; d += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t t = 0; t < T; t++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + t), _mm256_loadu_ps(v + t * D + d), a);
-        _mm256_storeu_ps(out + d, _mm256_mul_ps(a, _mm256_set1_ps(c)));
+        for (int j = 0; j < nv; j++) _mm256_storeu_ps(out + d + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(c)));
     }
 }
 
 /* one query head over keys / values k, v (T, D): out = softmax(scale * k q) v; s: T floats scratch */
 static void attend_head(const float *q, const float *k, const float *v, int64_t T, int64_t D, float scale,
                         float *s, float *out) {
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < T; t++) {
-        s[t] = dot(q, k + t * D, D) * scale;
-        mx = s[t] > mx ? s[t] : mx;
-    }
-    const float sum = exp_shifted(s, T, mx);
+    scores(q, k, T, D, scale, s);
+    const float sum = exp_shifted(s, T, max_of(s, T));
     weighted_rows(s, v, T, D, 1.0f / sum, out);
 }
 
