@@ -117,7 +117,7 @@ def layer_errors(model, prompt: list[int]) -> list[float]:
     rot = model.rope.at(pos, 1)
     errors = []
     for i in range(model.cfg.n_layer):
-        got = fused.step(x, cache, pos, i, i + 1).clone()
+        got = fused.step(x.clone(), cache, pos, i, i + 1)
         got_k, got_v = cache.k[i, :, pos].clone(), cache.v[i, :, pos].clone()
         x_in, x = x, model.layer(i, x, cache, pos, rot)
         assert torch.equal(got_k, cache.k[i, :, pos]) and torch.equal(got_v, cache.v[i, :, pos])
@@ -144,6 +144,16 @@ def test_long_context_layers_match_python(tiny_path):
         assert max(layer_errors(model, prompt)) < 1e-5
     finally:
         dispatch.set_threads(threads)
+
+
+def test_avx2_kernels(tiny_path):
+    """With the AVX2 kernels (CPUs without AVX-512), the step calls those for its products too."""
+    model, _ = load_model(tiny_path("tiny-qwen3-hd80"), n_ctx=64)
+    cpu_kernels.set_isa("avx2")
+    try:
+        assert max(layer_errors(model, PROMPTS["tiny-qwen3-hd80"])) < 1e-5
+    finally:
+        cpu_kernels.set_isa(None)
 
 
 def test_generation_matches_python(named_model):

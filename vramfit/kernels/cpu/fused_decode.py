@@ -121,20 +121,23 @@ class FusedDecoder:
         self.cfg, self.blocks, self.layers = cfg, blocks, layers  # the descriptors point into these
         self.freqs = torch.view_as_real(rope.freqs)  # (max_pos, rope_dim / 2, 2): cos, sin
         max_ctx = min(n_ctx, self.freqs.shape[0])
-        self.x = torch.empty((1, e))
+        # used only inside the C call, which holds the kernels' lock: steps of several engines
+        # (server slots) over this model may share them
         self.scratch = {
-            "xn": torch.empty(e),
-            "qkv": torch.empty((h + 2 * kv) * d),
-            "att": torch.empty(h * d),
-            "y": torch.empty(e),
-            "ffn": torch.empty(2 * f),
-            "scores": torch.empty(h * max_ctx),
+            "xn": torch.empty(e, dtype=torch.float32),
+            "qkv": torch.empty((h + 2 * kv) * d, dtype=torch.float32),
+            "att": torch.empty(h * d, dtype=torch.float32),
+            "y": torch.empty(e, dtype=torch.float32),
+            "ffn": torch.empty(2 * f, dtype=torch.float32),
+            "scores": torch.empty(h * max_ctx, dtype=torch.float32),
         }
         sizes = dict(zip(_SIZES, (cfg.n_layer, e, f, h, kv, d, cfg.rope.dim, max_ctx), strict=True))
         self.desc = _Model(
             **sizes, eps=cfg.norm_eps, scale=d**-0.5, layers=ctypes.addressof(layers),
             **{n: t.data_ptr() for n, t in self.scratch.items()},
         )  # fmt: skip
+        self._desc_ptr = ctypes.addressof(self.desc)
+        self._x_shape, self._kv_shape = (1, e), (cfg.n_layer, kv, d)
         self._dense_seen = dispatch.dense_count()
         self._ok = True
 
@@ -159,14 +162,17 @@ class FusedDecoder:
         return self._ok and cache.spec.is_plain
 
     def step(self, x: torch.Tensor, cache, pos: int, first: int = 0, stop: int | None = None) -> torch.Tensor:
-        """x (1, n_embd) float32 at position pos -> the residual stream after layers first..stop-1
-        (all by default) in a buffer of this decoder's, overwritten by the next step. The cache gets
-        the token's keys and values."""
-        self.x.copy_(x)
-        # (cos, sin) row of pos; C checks pos against max_ctx, which the table holds
-        rot = self.freqs.data_ptr() + pos * self.freqs.stride(0) * 4
+        """x (1, n_embd) float32, the token at position pos, through layers first..stop-1 (all by
+        default), in place; returns x. The cache gets the token's keys and values."""
         k, v = cache.k, cache.v
+        n_layer, n_kv, n_ctx, d = k.shape
+        if x.shape != self._x_shape or x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"decode step: x must be a contiguous float32 {self._x_shape} tensor")
+        if (n_layer, n_kv, d) != self._kv_shape or k.shape != v.shape:
+            raise ValueError(f"decode step: a KV cache of {tuple(k.shape)} for {self._kv_shape}")
+        # the (cos, sin) row of pos: C checks pos against max_ctx, which the table holds
+        rot = self.freqs.data_ptr() + pos * self.freqs.stride(0) * 4
         stop = self.cfg.n_layer if stop is None else stop
-        args = (pos, rot, k.data_ptr(), v.data_ptr(), k.shape[2], first, stop, dispatch.get_threads())
-        _qgemm.decode_layers(ctypes.addressof(self.desc), self.x.data_ptr(), *args)
-        return self.x
+        args = (pos, rot, k.data_ptr(), v.data_ptr(), n_ctx, first, stop, dispatch.get_threads())
+        _qgemm.decode_layers(self._desc_ptr, x.data_ptr(), *args)
+        return x
