@@ -43,8 +43,28 @@ def _extensions():
     return [
         Extension(
             "vramfit.kernels.cpu._qgemm",
-            sources=[SRC + f for f in ("qgemm_module.c", "qgemm_avx2.c", "qgemm_avx512.c", "qattn_avx512.c", "qops_avx512.c")],
-            depends=[SRC + f for f in ("qgemm.h", "qgemm_impl.h", "qgemm_unpack.h", "qgemm_decode.h", "qmath_avx512.h")],
+            sources=[
+                SRC + f
+                for f in (
+                    "qgemm_module.c",
+                    "qgemm_avx2.c",
+                    "qgemm_avx512.c",
+                    "qattn_avx512.c",
+                    "qops_avx512.c",
+                    "qlayer.c",
+                )
+            ],
+            depends=[
+                SRC + f
+                for f in (
+                    "qgemm.h",
+                    "qgemm_impl.h",
+                    "qgemm_unpack.h",
+                    "qgemm_decode.h",
+                    "qmath_avx512.h",
+                    "qlayer.h",
+                )
+            ],
             extra_compile_args=["-O3", "-g0", "-std=gnu11", "-pthread", "-fno-math-errno"],
             extra_link_args=["-pthread"],
         ),

@@ -73,12 +73,25 @@ def use_backend(name: str):
         set_backend(old)
 
 
-def _fast(w: QWeight, x: torch.Tensor) -> bool:
-    if _backend == "reference" or x.device.type != "cpu" or w._dense is not None:
+def takes_cpu_kernels(w: QWeight) -> bool:
+    """Whether the fused CPU kernels multiply w on the fast backends: a type and row length they read,
+    and no float copy decoded yet (a weight once decoded keeps using it)."""
+    if w._dense is not None:
         return False
     if w._cpu_ok is None:  # decided once per weight: type and row length
         w._cpu_ok = cpu_kernels.supports(w.gtype.name, w.shape[1])
     return w._cpu_ok
+
+
+def _fast(w: QWeight, x: torch.Tensor) -> bool:
+    return _backend != "reference" and x.device.type == "cpu" and takes_cpu_kernels(w)
+
+
+_n_dense = 0  # weights decoded to float so far: a fused path re-checks its weights when this moves
+
+
+def dense_count() -> int:
+    return _n_dense
 
 
 class QWeight:
@@ -94,8 +107,10 @@ class QWeight:
 
     def dense(self) -> torch.Tensor:
         """float32 (out_features, in_features), decoded once and cached."""
+        global _n_dense
         if self._dense is None:
             self._dense = self.rows(None)
+            _n_dense += 1
         return self._dense
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
@@ -166,6 +181,17 @@ def linear(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None = None) -> tor
     else:
         y = x @ dense.T
     return y if bias is None else y + bias
+
+
+def fused_decoder(cfg, blocks: list, rope, n_ctx: int):
+    """The one-call C decode step of a llama-family model (kernels/cpu/fused_decode.py), or None
+    where the fast CPU kernels are missing or do not take all its weights. Before each step its
+    `usable(cache)` says whether the Python path would run those kernels now."""
+    if not cpu_kernels.available():
+        return None
+    from vramfit.kernels.cpu.fused_decode import FusedDecoder  # it imports this module
+
+    return FusedDecoder.build(cfg, blocks, rope, n_ctx)
 
 
 def concat_rows(ws: list[QWeight]) -> QWeight:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vramfit.kernels.dispatch import FusedLinear, QWeight, linear, permute_rows, swiglu
+from vramfit.kernels.dispatch import FusedLinear, QWeight, fused_decoder, linear, permute_rows, swiglu
 from vramfit.model.layers import KVCache, Rope, RopeConfig, attention, neox_to_pairs, rms_norm
 from vramfit.model.loader import WeightSource, require
 
@@ -134,6 +134,7 @@ class LlamaModel:
         self.blocks = [self._block(src, i) for i in range(cfg.n_layer)]
         freqs = src.vector(GLOBAL_TENSORS["rope_freqs"]) if GLOBAL_TENSORS["rope_freqs"] in src else None
         self.rope = Rope(cfg.rope, n_ctx, freqs)
+        self._fused = None  # the C decode step, built on the first one-token forward (False: none)
 
     def _block(self, src: WeightSource, i: int) -> Block:
         names = {k: v.format(i=i) for k, v in TENSORS.items()}
@@ -179,12 +180,26 @@ class LlamaModel:
         """tokens (n,) int64 at positions start..start+n-1 -> hidden states (n, n_embd)."""
         eps = self.cfg.norm_eps
         x = self.embed.rows(tokens)
+        fused = self._fused_decoder(cache) if tokens.shape[0] == 1 else None
+        if fused is not None:  # the loop below in one C call (same kernels, no per-op overhead)
+            return rms_norm(fused.step(x, cache, start), self.norm, eps)
         rot = self.rope.at(start, tokens.shape[0])
-        for i, blk in enumerate(self.blocks):
-            x = x + self._attention(blk, rms_norm(x, blk.attn_norm, eps), cache, i, start, rot)
-            gate, up = blk.gate_up(rms_norm(x, blk.ffn_norm, eps))
-            x = x + linear(swiglu(gate, up), blk.w_down)
+        for i in range(len(self.blocks)):
+            x = self.layer(i, x, cache, start, rot)
         return rms_norm(x, self.norm, eps)
+
+    def layer(self, i: int, x: torch.Tensor, cache: KVCache, start: int, rot: torch.Tensor) -> torch.Tensor:
+        """Decoder layer i on x (n, n_embd) at positions start.. (rot from `rope.at`)."""
+        blk, eps = self.blocks[i], self.cfg.norm_eps
+        x = x + self._attention(blk, rms_norm(x, blk.attn_norm, eps), cache, i, start, rot)
+        gate, up = blk.gate_up(rms_norm(x, blk.ffn_norm, eps))
+        return x + linear(swiglu(gate, up), blk.w_down)
+
+    def _fused_decoder(self, cache: KVCache):
+        """The C decode step where it may replace the layer loop for this cache now, else None."""
+        if self._fused is None:
+            self._fused = fused_decoder(self.cfg, self.blocks, self.rope, self.n_ctx) or False
+        return self._fused if self._fused and self._fused.usable(cache) else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.output)

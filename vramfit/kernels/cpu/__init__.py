@@ -20,6 +20,9 @@ Accuracy: the only approximation is that 8-bit activation quantization. Against 
 ~5e-3); against `q8(x) @ decode(W).T`, with q8 the same activation rounding, within 1e-4 (float32
 summation order only). tests/test_cpu_kernels.py checks both.
 
+For one decoded token, `fused_decode` (qlayer.c) runs every layer of a llama-family model in one call
+on these kernels: the norms, rope, attention and SwiGLU between the products too.
+
 When the extension is missing (not x86-64, no compiler at install time, CPU without AVX2),
 `available()` is False and callers use the reference path (vramfit.kernels.dispatch).
 """

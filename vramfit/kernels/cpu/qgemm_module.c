@@ -18,6 +18,7 @@
 #include <time.h>
 #include <xmmintrin.h>
 #include "qgemm.h"
+#include "qlayer.h"
 
 static int detected = -1; /* 0 none, 1 AVX2, 2 AVX-512 VNNI */
 static int level = -1;    /* the level in use (tests may lower it) */
@@ -167,6 +168,9 @@ void qg_parallel(qg_task task, void *arg, int nth) {
     atomic_store(&pool.open, 0);
     while (atomic_load(&pool.active) > 0) _mm_pause();
 }
+
+int qg_level(void) { return level; }
+pthread_mutex_t *qg_lock(void) { return &lock; }
 
 static PyObject *py_cpu_level(PyObject *self, PyObject *args) {
     (void)self;
@@ -333,6 +337,9 @@ static PyMethodDef methods[] = {
     {"swiglu", (PyCFunction)(void (*)(void))py_swiglu, METH_FASTCALL, "swiglu(gu_ptr, out_ptr, rows, n_ff, nthreads)"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
      "attention(q, k, v, out, n, start, n_heads, n_kv_heads, head_dim, kv_head_stride, scale, nthreads)"},
+    {"decode_layers", (PyCFunction)(void (*)(void))ql_py_decode_layers, METH_FASTCALL,
+     "decode_layers(model_ptr, x_ptr, pos, rope_ptr, k_ptr, v_ptr, cache_ctx, first, stop, nthreads)"},
+    {"layer_struct_sizes", ql_py_struct_sizes, METH_NOARGS, "sizes of the decode_layers descriptors"},
     {NULL, NULL, 0, NULL},
 };
 

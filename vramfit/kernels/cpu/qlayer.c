@@ -1,0 +1,399 @@
+/* One decode step (a single token) through the llama-family decoder layers (llama, qwen2, qwen3).
+ *
+ * Per layer, with x the residual stream (n_embd floats) and the token at position pos:
+ *   h = rmsnorm(x); q, k, v = qkv(h) (+ biases); q, k = per-head rmsnorm (qwen3); q, k = rope(pos)
+ *   cache[layer, :, pos] = k, v
+ *   a = softmax(q k^T * head_dim^-0.5) v        (GQA: head h reads kv head h / (n_head / n_head_kv))
+ *   x += wo(a); h = rmsnorm(x); x += down(silu(gate) * up) with gate, up = gate_up(h)
+ * The quantized products are the extension's own matmul (for one row: the fused decode kernels);
+ * what this file adds is the small ops between them, which cost the Python path 50-150 us per layer
+ * in torch calls. That Python path (LlamaModel.forward in vramfit/model/llama.py) is the reference,
+ * and tests/test_cpu_layer.py compares the two.
+ *
+ * The descriptors are filled by vramfit/kernels/cpu/fused_decode.py through ctypes mirrors of the
+ * structs below; every field is 8 bytes wide, so both sides lay them out alike. Scratch buffers are
+ * the caller's, allocated once per model.
+ *
+ * Exactness against the Python path: rmsnorm (double sum), rope (products rounded apart, as torch's
+ * complex multiply), the bias and residual adds round alike; attention and silu use their own exp
+ * polynomial and summation order, so they differ from torch's in the last bits.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <string.h>
+#include "qgemm.h"
+#include "qlayer.h"
+
+/* A product's weight as the matmul reads it, and the bias added to its outputs (or NULL). */
+typedef struct {
+    const uint8_t *data; /* (rows, row_nbytes) packed rows */
+    const float *bias;   /* rows floats, or NULL */
+    int64_t rows, row_nbytes, type;
+} ql_weight;
+
+#define QL_MAX_PARTS 3
+
+/* One linear map whose stacked weight has runs of different types (q+k in one type, v in another):
+ * the parts' outputs are adjacent. */
+typedef struct {
+    ql_weight part[QL_MAX_PARTS];
+    int64_t nparts;
+} ql_linear;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    const float *q_norm, *k_norm; /* head_dim floats each (qwen3), or NULL */
+    ql_linear qkv, wo, gate_up, down;
+} ql_layer;
+
+typedef struct {
+    int64_t n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, rope_dim;
+    int64_t max_ctx; /* positions the score buffer holds per head */
+    double eps, scale;
+    const ql_layer *layers;
+    /* scratch */
+    float *xn;     /* n_embd: normed input of qkv / gate_up */
+    float *qkv;    /* (n_head + 2 n_head_kv) * head_dim: q | k | v */
+    float *att;    /* n_head * head_dim: attention output */
+    float *y;      /* n_embd: output of wo / down, before the residual add */
+    float *ffn;    /* 2 * n_ff: gate | up; silu(gate) * up goes to the first half */
+    float *scores; /* n_head * max_ctx */
+} ql_model;
+
+typedef int (*matmul_fn)(const qg_args *);
+
+/* what one call gets: the token's state, the cache, the threads */
+typedef struct {
+    float *x;          /* residual stream, n_embd floats, updated in place */
+    int64_t pos;       /* the token's position */
+    const float *rope; /* rope_dim / 2 (cos, sin) pairs for pos */
+    float *k, *v;      /* KV cache: (n_layer, n_head_kv, cache_ctx, head_dim) float32 each */
+    int64_t cache_ctx;
+    int nth;
+    matmul_fn matmul;
+} ql_step;
+
+/* Attention over more than this many multiply-adds per score pass is shared by the thread pool;
+ * below it, waking a worker costs about what it saves. */
+#define ATTN_PARALLEL_MIN (1 << 16)
+
+/* ------------------------------------------------------------------------------------------------
+ * ops whose rounding must follow the Python path: compiled for plain x86-64 (no FMA to contract) */
+
+/* out = x / sqrt(mean(x^2) + eps) * w; the sum in double as qgemm_module.c's rmsnorm (the squares of
+ * floats are exact in double, so only the order of the adds differs, far below float resolution).
+ * out may be x. */
+static void rmsnorm(const float *x, const float *w, float *out, int64_t K, double eps) {
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= K; i += 4)
+        for (int l = 0; l < 4; l++) s[l] += (double)x[i + l] * (double)x[i + l];
+    for (; i < K; i++) s[0] += (double)x[i] * (double)x[i];
+    const double sum = (s[0] + s[1]) + (s[2] + s[3]);
+    const float scale = (float)(1.0 / sqrt(sum / (double)K + eps));
+    for (i = 0; i < K; i++) out[i] = x[i] * scale * w[i];
+}
+
+/* adjacent pairs (x0, x1) of the first rope_dim dims of each head times (cos + i sin), as torch's
+ * complex multiply: each product rounded, then added (never inlined into the FMA code below, where
+ * the compiler would fuse them) */
+static __attribute__((noinline)) void rope(float *x, int64_t heads, int64_t D, int64_t rope_dim, const float *rot) {
+    for (int64_t h = 0; h < heads; h++) {
+        float *xh = x + h * D;
+        for (int64_t j = 0; j < rope_dim / 2; j++) {
+            const float a = xh[2 * j], b = xh[2 * j + 1], c = rot[2 * j], s = rot[2 * j + 1];
+            const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
+            xh[2 * j] = ac - bs;
+            xh[2 * j + 1] = as + bc;
+        }
+    }
+}
+
+static void add_to(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * attention and silu: AVX2 + FMA (the extension runs only where the CPU has them) */
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* exp(x) to about 1 ulp (Cephes' expf: 2^n * e^r, |r| <= ln2 / 2, degree-5 polynomial); inputs are
+ * clamped to [-87, 88], so far-negative arguments give ~1e-38 rather than 0 */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* lanes i < n set (n < 8) */
+static inline __m256i head_mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* gate[i] = gate[i] / (1 + exp(-gate[i])) * up[i] */
+static void silu_mul(float *gate, const float *up, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* [sum(a[0]), ..., sum(a[7])] */
+static inline __m256 hsum8x8(const __m256 a[8]) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* per 128-bit half */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* s[t] = scale * q . k[t] for t < T (D a multiple of 8): eight keys at a time, whose partial sums
+ * are reduced together */
+static void scores(const float *q, const float *k, int64_t T, int64_t D, float scale, float *s) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + d);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (t + j) * D + d), acc[j]);
+        }
+        _mm256_storeu_ps(s + t, _mm256_mul_ps(hsum8x8(acc), sc));
+    }
+    for (; t < T; t++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + t * D + d), acc);
+        s[t] = hsum8(acc) * scale;
+    }
+}
+
+static float max_of(const float *s, int64_t T) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    for (; t < T; t++) mx = s[t] > mx ? s[t] : mx;
+    return mx;
+}
+
+/* s[t] = exp(s[t] - mx) for t < T; returns their sum */
+static float exp_shifted(float *s, int64_t T, float mx) {
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    if (t < T) {
+        const __m256i mask = head_mask(T - t);
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(s + t, mask), m)),
+                                       _mm256_castsi256_ps(mask));
+        _mm256_maskstore_ps(s + t, mask, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    return hsum8(acc);
+}
+
+/* out[d] = c * sum_t p[t] v[t, d] (D a multiple of 8): 64 columns at a time in eight accumulators */
+static void weighted_rows(const float *p, const float *v, int64_t T, int64_t D, float c, float *out) {
+    for (int64_t d = 0; d < D; d += 64) {
+        const int nv = D - d >= 64 ? 8 : (int)(D - d) / 8;
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        if (nv == 8) {
+            for (int64_t t = 0; t < T; t++) {
+                const __m256 pt = _mm256_broadcast_ss(p + t);
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * D + d + 8 * j), acc[j]);
+            }
+        } else {
+            for (int64_t t = 0; t < T; t++) {
+                const __m256 pt = _mm256_broadcast_ss(p + t);
+                for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * D + d + 8 * j), acc[j]);
+            }
+        }
+        for (int j = 0; j < nv; j++) _mm256_storeu_ps(out + d + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(c)));
+    }
+}
+
+/* one query head over keys / values k, v (T, D): out = softmax(scale * k q) v; s: T floats scratch */
+static void attend_head(const float *q, const float *k, const float *v, int64_t T, int64_t D, float scale,
+                        float *s, float *out) {
+    scores(q, k, T, D, scale, s);
+    const float sum = exp_shifted(s, T, max_of(s, T));
+    weighted_rows(s, v, T, D, 1.0f / sum, out);
+}
+
+typedef struct {
+    const ql_model *m;
+    const float *k, *v; /* this layer's cache, (n_head_kv, cache_ctx, head_dim) */
+    int64_t cache_ctx, T;
+    int64_t next; /* the next head to claim */
+} attn_job;
+
+static void attn_task(void *arg, int tid) {
+    (void)tid;
+    attn_job *job = (attn_job *)arg;
+    const ql_model *m = job->m;
+    const int64_t D = m->head_dim, group = m->n_head / m->n_head_kv;
+    for (;;) {
+        const int64_t h = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (h >= m->n_head) break;
+        const int64_t kv = (h / group) * job->cache_ctx * D;
+        attend_head(m->qkv + h * D, job->k + kv, job->v + kv, job->T, D, (float)m->scale,
+                    m->scores + h * m->max_ctx, m->att + h * D);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * the layer */
+
+/* out = x @ W^T (+ bias), one part after the other; 0 or the matmul's error code */
+static int linear(const ql_linear *lin, const float *x, int64_t K, float *out, const ql_step *s) {
+    for (int64_t i = 0; i < lin->nparts; i++) {
+        const ql_weight *w = &lin->part[i];
+        const qg_args a = {.x = x, .n = 1, .K = K, .w = w->data, .N = w->rows, .row_nbytes = w->row_nbytes,
+                           .type = (int)w->type, .out = out, .nthreads = s->nth};
+        const int rc = s->matmul(&a);
+        if (rc) return rc;
+        if (w->bias) add_to(out, w->bias, w->rows);
+        out += w->rows;
+    }
+    return 0;
+}
+
+/* the new k, v go to the cache, then attention over positions 0..pos into m->att */
+static void attention(const ql_model *m, int64_t layer, const ql_step *s) {
+    const int64_t KV = m->n_head_kv, D = m->head_dim;
+    const int64_t off = layer * KV * s->cache_ctx * D;
+    const float *k = m->qkv + m->n_head * D, *v = k + KV * D;
+    for (int64_t h = 0; h < KV; h++) {
+        memcpy(s->k + off + (h * s->cache_ctx + s->pos) * D, k + h * D, (size_t)D * sizeof(float));
+        memcpy(s->v + off + (h * s->cache_ctx + s->pos) * D, v + h * D, (size_t)D * sizeof(float));
+    }
+    attn_job job = {m, s->k + off, s->v + off, s->cache_ctx, s->pos + 1, 0};
+    if (s->nth > 1 && job.T * m->n_head * D >= ATTN_PARALLEL_MIN)
+        qg_parallel(attn_task, &job, s->nth);
+    else
+        attn_task(&job, 0);
+}
+
+static int decode_layer(const ql_model *m, int64_t layer, const ql_step *s) {
+    const ql_layer *L = &m->layers[layer];
+    const int64_t E = m->n_embd, H = m->n_head, KV = m->n_head_kv, D = m->head_dim, F = m->n_ff;
+    float *q = m->qkv, *k = q + H * D;
+    int rc;
+    rmsnorm(s->x, L->attn_norm, m->xn, E, m->eps);
+    if ((rc = linear(&L->qkv, m->xn, E, m->qkv, s))) return rc;
+    if (L->q_norm) {
+        for (int64_t h = 0; h < H; h++) rmsnorm(q + h * D, L->q_norm, q + h * D, D, m->eps);
+        for (int64_t h = 0; h < KV; h++) rmsnorm(k + h * D, L->k_norm, k + h * D, D, m->eps);
+    }
+    rope(q, H, D, m->rope_dim, s->rope);
+    rope(k, KV, D, m->rope_dim, s->rope);
+    attention(m, layer, s);
+    if ((rc = linear(&L->wo, m->att, H * D, m->y, s))) return rc;
+    add_to(s->x, m->y, E);
+    rmsnorm(s->x, L->ffn_norm, m->xn, E, m->eps);
+    if ((rc = linear(&L->gate_up, m->xn, E, m->ffn, s))) return rc;
+    silu_mul(m->ffn, m->ffn + F, F);
+    if ((rc = linear(&L->down, m->ffn, F, m->y, s))) return rc;
+    add_to(s->x, m->y, E);
+    return 0;
+}
+
+static int decode_layers(const ql_model *m, int64_t first, int64_t stop, const ql_step *s) {
+    for (int64_t i = first; i < stop; i++) {
+        const int rc = decode_layer(m, i, s);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+#pragma GCC pop_options
+
+/* ------------------------------------------------------------------------------------------------
+ * Python entry points */
+
+PyObject *ql_py_decode_layers(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "decode_layers(model_ptr, x_ptr, pos, rope_ptr, k_ptr, v_ptr, cache_ctx, "
+                                         "first, stop, nthreads)");
+        return NULL;
+    }
+    const ql_model *m = (const ql_model *)PyLong_AsVoidPtr(args[0]);
+    ql_step s;
+    s.x = (float *)PyLong_AsVoidPtr(args[1]);
+    s.pos = PyLong_AsLongLong(args[2]);
+    s.rope = (const float *)PyLong_AsVoidPtr(args[3]);
+    s.k = (float *)PyLong_AsVoidPtr(args[4]);
+    s.v = (float *)PyLong_AsVoidPtr(args[5]);
+    s.cache_ctx = PyLong_AsLongLong(args[6]);
+    const int64_t first = PyLong_AsLongLong(args[7]), stop = PyLong_AsLongLong(args[8]);
+    s.nth = (int)PyLong_AsLong(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    const int level = qg_level();
+    if (level <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "no supported CPU instruction set (needs AVX2 + FMA)");
+        return NULL;
+    }
+    if (s.pos < 0 || s.pos >= s.cache_ctx || s.pos >= m->max_ctx) {
+        PyErr_SetString(PyExc_ValueError, "decode_layers: position outside the cache");
+        return NULL;
+    }
+    if (first < 0 || stop > m->n_layer || first > stop) {
+        PyErr_SetString(PyExc_ValueError, "decode_layers: layers outside the model");
+        return NULL;
+    }
+    s.matmul = level >= 2 ? qg_matmul_avx512 : qg_matmul_avx2;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(qg_lock());
+    rc = decode_layers(m, first, stop, &s);
+    pthread_mutex_unlock(qg_lock());
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_SetString(rc == 2 ? PyExc_MemoryError : PyExc_ValueError,
+                        rc == 2 ? "qgemm: out of memory for scratch buffers" : "qgemm: unsupported type or row size");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject *ql_py_struct_sizes(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return Py_BuildValue("(nnnn)", (Py_ssize_t)sizeof(ql_weight), (Py_ssize_t)sizeof(ql_linear),
+                         (Py_ssize_t)sizeof(ql_layer), (Py_ssize_t)sizeof(ql_model));
+}
