@@ -140,7 +140,7 @@ class Plan:
     fits: bool = True
     verdict: str = ""
     nearest: list[str] = field(default_factory=list)
-    n_ctx_train: int = 0
+    n_ctx_train: int = 0  # the model's training context ("max" never plans beyond it)
 
     @property
     def device_total(self) -> int:
@@ -152,9 +152,6 @@ class Plan:
 
     def item(self, what: str) -> Item:
         return next(i for i in self.items if i.what == what)
-
-    def max_ctx(self, k: str, v: str) -> int:
-        return next(o.max_ctx for o in self.kv_options if (o.k, o.v) == (k, v))
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -184,8 +181,10 @@ class _Cost:
             Item("recurrent state", i.state_bytes * self.parallel,
                  note=f"{i.state_bytes / MiB:.1f} MiB per sequence"),
             Item("workspace", ws, note=f"prefill batch {n}" + (f" x {slots} slots" if slots > 1 else "")),
-            Item("cuda context" if d.name == "cuda" else "runtime", runtime_bytes(i, d, n, ctx)),
-            Item("allocator", allocator_bytes(i, d, n, ctx, k, v, ws // slots) * slots),
+            Item("cuda context" if d.name == "cuda" else "runtime", runtime_bytes(i, d, n, ctx),
+                 note="" if d.name == "cuda" else "RoPE table, kernel buffer, threads"),
+            Item("allocator", allocator_bytes(i, d, n, ctx, k, v, ws // slots) * slots,
+                 note="" if d.name == "cuda" else "heap malloc keeps (2 x largest activation)"),
         ]  # fmt: skip
         return [it for it in items if it.device_bytes or it.host_bytes or it.what == "kv cache"]
 
