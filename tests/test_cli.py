@@ -153,3 +153,87 @@ def test_prompt_longer_than_context(model_path):
     model_path("smollm2-135m")
     res = vramfit("run", "smollm2-135m", "-c", "16", "-p", "word " * 40, "-n", "4")
     assert_one_line_error(res, "context")
+
+
+# ---- the memory plan before loading (run, chat, serve) ----
+
+
+def test_run_plans_the_load_on_stderr(model_path, metadata):
+    model_path("smollm2-135m")
+    train = metadata("smollm2-135m")["llama.context_length"]
+    res = vramfit("run", "smollm2-135m", "-p", "The capital of France is", "-n", "4", "--temp", "0")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("The capital of France is") and "memory plan" not in res.stdout
+    # plenty of memory: the whole training context with the exact (float32) cache
+    assert "memory plan: " in res.stderr and f"context {train:,} x 1, KV f32/f32" in res.stderr
+    verdict = [line for line in res.stderr.splitlines() if line.startswith("fits: ")]
+    assert len(verdict) == 1 and f"context {train:,} with f32/f32 KV cache" in verdict[0]
+
+
+def test_chat_with_little_memory_gets_a_smaller_quantized_cache(model_path):
+    from vramfit.gguf import GGUFFile
+    from vramfit.runtime.planner import CPU, GiB, ModelInfo, plan
+
+    info = ModelInfo.from_gguf(GGUFFile(model_path("qwen2.5-coder-0.5b")))
+    expect = plan(info, GiB, "max", "auto", device=CPU)
+    assert expect.ctx < info.n_ctx_train and expect.k_type == "q8_0"
+    res = vramfit("chat", "qwen2.5-coder-0.5b", "--mem", "1GiB", stdin="")
+    assert res.returncode == 0, res.stderr
+    assert f"(ctx {expect.ctx})" in res.stderr  # what the loaded engine reports
+    assert "KV q8_0/q8_0" in res.stderr and f"fits: context {expect.ctx:,} with q8_0/q8_0" in res.stderr
+
+
+def test_run_refuses_when_nothing_fits(model_path):
+    model_path("smollm2-135m")
+    res = vramfit("run", "smollm2-135m", "--mem", "10MiB", "-p", "x")
+    assert_one_line_error(res, "does not fit", "10 MiB", "nearest: at least")
+    res = vramfit("run", "smollm2-135m", "--vram", "1GiB", "-c", "1000000", "-p", "x")
+    assert_one_line_error(res, "does not fit: context 1,000,000", "nearest: --ctx ")
+
+
+def test_run_context_beyond_training_warns_and_runs(model_path, metadata):
+    model_path("smollm2-135m")
+    train = metadata("smollm2-135m")["llama.context_length"]
+    res = vramfit("run", "smollm2-135m", "-c", str(train + 1024), "-p", "Hi", "-n", "2", "--temp", "0")
+    assert res.returncode == 0, res.stderr
+    warns = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
+    assert warns == [f"warning: context {train + 1024} is beyond the model's training length {train}: "
+                     "quality may drop"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [(["-ctk", "q7_0"], "unknown KV cache type 'q7_0'"), (["-ctv", "fp8"], "unknown KV cache type 'fp8'"),
+     (["--mem", "lots"], "cannot read the size 'lots'")],
+)  # fmt: skip
+def test_run_bad_kv_and_memory_flags(model_path, flags, needle):
+    model_path("smollm2-135m")
+    assert_one_line_error(vramfit("run", "smollm2-135m", *flags, "-p", "x"), needle)
+
+
+def test_kv_type_the_head_size_cannot_hold(tmp_path):
+    from vramfit.model.random_model import random_model_spec, write_random_model
+
+    spec = random_model_spec("llama", "tiny")
+    spec.metadata["llama.attention.key_length"] = 48  # heads of 48: no 32-blocks, no Hadamard
+    path = tmp_path / "head48.gguf"
+    write_random_model(spec, path)
+    res = vramfit("run", str(path), "-ctk", "q8_0", "-p", "x")
+    assert_one_line_error(res, "KV cache type q8_0 needs a head size that is a multiple of 32, not 48")
+    res = vramfit("run", str(path), "-khad", "-p", "x")
+    assert_one_line_error(res, "the Hadamard rotation needs a power-of-two head size, not 48")
+
+
+def test_serve_plans_before_it_starts(monkeypatch, capsys, model_path):
+    from vramfit import cli
+
+    model_path("smollm2-135m")
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: started.append(kw))
+    assert cli.main(["serve", "smollm2-135m", "--parallel", "2", "-ctk", "q8_0", "--port", "9002"]) == 0
+    err = capsys.readouterr().err
+    assert started == [{"host": "127.0.0.1", "port": 9002, "log_level": "info"}]
+    assert "context 8,192 x 2, KV q8_0/q8_0" in err and "x 2 slots" in err
+    assert cli.main(["serve", "smollm2-135m", "--mem", "10MiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vramfit: error: does not fit") and len(started) == 1

@@ -4,13 +4,20 @@ recipes (13.0 GiB IQ4_KS mix: 72K tokens of q8_0 KV, 100K of q6_0/q5_0), bad inp
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 
+import numpy as np
 import pytest
+import torch
 
+from tests.conftest import ROOT
 from vramfit.cli import main
 from vramfit.model.random_model import random_model_spec, write_random_model
+from vramfit.runtime.memory import PAGE
 from vramfit.runtime.planner import (
+    CPU,
     CUDA,
     GiB,
     MiB,
@@ -152,3 +159,141 @@ def test_plan_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     types = "f32, f16, bf16, q8_0, q6_0, q5_0, iq4_nl, q4_0, or auto"
     assert err == [f"vramfit: error: unknown KV cache type 'q7_0' (choose from {types})"]
+
+
+# ---- the CPU plan against the engine's real allocations (the shipped small models) ----
+
+
+def _resident_weights(model, gguf) -> tuple[int, int]:
+    """(bytes of the GGUF's tensor data resident in this process: present bits of /proc/self/pagemap,
+    bytes of the weights' own copies: the storages outside the mapping that the model's blocks,
+    embedding, output and norm hold, walked like a garbage collector would)."""
+    buf = np.frombuffer(gguf._buf, dtype=np.uint8)
+    lo, hi = buf.ctypes.data, buf.ctypes.data + buf.nbytes
+    first, last = (lo + gguf.data_offset) // PAGE, (hi - 1) // PAGE
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        present = np.frombuffer(f.read((last - first + 1) * 8), dtype=np.uint64) >> np.uint64(63)
+    storages: dict[int, int] = {}
+    seen: set[int] = set()
+
+    def walk(obj) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            s = obj.untyped_storage()
+            if not lo <= s.data_ptr() < hi:
+                storages[s.data_ptr()] = s.nbytes()
+        elif isinstance(obj, list | tuple):
+            for x in obj:
+                walk(x)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                walk(x)
+        elif type(obj).__module__.startswith("vramfit") and hasattr(obj, "__dict__"):
+            walk(vars(obj))
+
+    walk([model.blocks, model.embed, model.output, model.norm])
+    return int(present.sum()) * PAGE, sum(storages.values())
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b"])
+def test_cpu_weights_are_what_the_engine_keeps_resident(model_path, name):
+    """The plan's weights against a forward's real footprint: the mapped pages it reads (the stacked
+    originals released) and the loader's copies (the permuted q/k of NeoX models twice)."""
+    from vramfit.gguf import GGUFFile
+    from vramfit.model.loader import load_model
+    from vramfit.runtime.engine import Engine
+
+    gguf = GGUFFile(model_path(name))
+    with open(gguf.path, "rb") as f:  # in the page cache, as after any earlier run
+        while f.read(1 << 24):
+            pass
+    info = ModelInfo.from_gguf(gguf)
+    model, _ = load_model(gguf.path, 256, gguf=gguf)
+    ids = torch.randperm(info.n_vocab, generator=torch.Generator().manual_seed(0))[:64].tolist()
+    Engine(model).eval(ids)
+    mapped, copies = _resident_weights(model, gguf)
+    planned = plan(info, None, len(ids), "f32", device=CPU).item("weights").device_bytes
+    assert planned == pytest.approx(mapped + copies, rel=0.02)
+    if name == "qwen2.5-coder-0.5b":  # NeoX RoPE: llama.py keeps the permuted q/k beside the stack
+        qk = sum(t.nbytes for t in info.tensors if t.name.endswith(("attn_q.weight", "attn_k.weight")))
+        gate_up = sum(t.nbytes for t in info.tensors if "ffn_gate" in t.name or "ffn_up" in t.name)
+        assert copies == pytest.approx(2 * qk + gate_up, rel=0.01)
+
+
+def test_cpu_plan_holds_the_measured_peak(model_path):
+    """bench/plan_accuracy.py's measurement (peak RSS of load, prefill and decode after a warm-up, in a
+    fresh process) against the plan, on the smallest model: within 5%."""
+    spec = importlib.util.spec_from_file_location("plan_accuracy", ROOT / "bench" / "plan_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model_path("smollm2-135m")
+    r = bench.measure("smollm2-135m", 1024, 256, "q8_0", 2, {})
+    assert r["measured"] > r["items"]["weights"] + r["items"]["kv cache"]
+    assert r["predicted"] == pytest.approx(r["measured"], rel=0.05)
+
+
+def test_embedding_rows_follow_fault_around():
+    """An untied embedding: n random rows map about W (1 - exp(-n / W)) of its W 64 KiB windows."""
+    from vramfit.runtime.memory import FAULT_AROUND
+
+    n_vocab, row = 151936, 616  # qwen2.5-0.5b's q5_0 rows
+    embed = TensorEntry("token_embd.weight", n_vocab * row, None, "q5_0", (n_vocab, 896))
+    info = ModelInfo("e", 1, 896, 1024, 14, 2, 64, n_vocab, 32768, kv_layers=1, tensors=(embed,))
+    windows = -(-n_vocab * row // FAULT_AROUND)
+    for n in (512, 2048, 8192):
+        w = plan(info, None, n, "f32", device=CPU).item("weights").device_bytes
+        assert w == pytest.approx(windows * (1 - math.exp(-n / windows)) * FAULT_AROUND, rel=1e-3)
+    assert plan(info, None, 32768, "f32", device=CPU).item("weights").device_bytes == pytest.approx(
+        embed.nbytes, rel=0.01
+    )
+
+
+def test_cpu_budget_picks_the_largest_context_that_fits(model_path):
+    from vramfit.gguf import GGUFFile
+
+    info = ModelInfo.from_gguf(GGUFFile(model_path("qwen2.5-coder-0.5b")))
+    p = plan(info, GiB, "max", "auto", device=CPU)
+    # f32, f16 at the 32K training context need more than 1 GiB: q8_0 at its largest context
+    assert p.fits and (p.k_type, p.v_type) == ("q8_0", "q8_0") and 4096 <= p.ctx < info.n_ctx_train
+    assert p.device_total <= GiB
+    assert not plan(info, GiB, p.ctx + 256, "q8_0", device=CPU).fits  # one step more does not
+    assert plan(info, GiB, 2048, "auto", device=CPU).k_type == "f32"  # a short context: the best type
+    roomy = plan(info, 64 * GiB, "max", "auto", device=CPU)
+    assert (roomy.ctx, roomy.k_type) == (info.n_ctx_train, "f32")
+    small = plan(info, 300 * MiB, "max", "auto", device=CPU)
+    assert not small.fits and small.verdict.startswith("does not fit: the weights and buffers need")
+    assert small.nearest[-1].startswith("at least")
+
+
+def test_cpu_workspace_counts_slots_and_the_kv_read_back():
+    info = _27b()
+    one = plan(info, None, 8192, "f32", device=CPU)
+    two = plan(info, None, 8192, "f32", device=CPU, parallel=2)
+    assert two.item("workspace").device_bytes == 2 * one.item("workspace").device_bytes
+    # at a long context attention is the peak: its boolean mask and the float mask torch makes of it
+    # (5 bytes x batch x ctx), and a q8_0 cache read back as float32 K and V (n_kv_heads x ctx x head_dim)
+    f32, q8 = (
+        plan(info, None, 65536, kv, device=CPU).item("workspace").device_bytes for kv in ("f32", "q8_0")
+    )
+    assert q8 - f32 == 2 * 4 * 4 * 65536 * 256
+    assert f32 - plan(info, None, 32768, "f32", device=CPU).item("workspace").device_bytes == 5 * 512 * 32768
+
+
+def test_plan_json_reports_every_kv_type(tmp_path, capsys):
+    path = tmp_path / "tiny.gguf"
+    write_random_model(random_model_spec("llama", "tiny"), path)
+    assert main(["plan", str(path), "--mem", "1GiB", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["device"] == "cpu" and d["budget"] == GiB and d["fits"]
+    types = ("f32", "f16", "bf16", "q8_0", "q6_0", "q5_0", "iq4_nl", "q4_0")
+    assert set(d["max_ctx"]) >= {f"{t}/{t}" for t in types}
+    per_token = {f"{o['k']}/{o['v']}": o["bytes_per_token"] for o in d["kv_options"]}
+    assert per_token["f32/f32"] == 2 * 2 * (2 * 64) * 4 and per_token["q8_0/q8_0"] == 2 * 2 * 4 * 34
+    # 1 GiB holds far more than the tiny model's 2,048 training tokens: every type reaches past it,
+    # fewer bytes per token reaching further
+    ctxs = [d["max_ctx"][f"{t}/{t}"] for t in ("f32", "f16", "q8_0", "q4_0")]
+    assert ctxs == sorted(ctxs) and ctxs[0] > 2048
+    assert d["ctx"] == 2048 and (d["k_type"], d["v_type"]) == ("f32", "f32")

@@ -23,10 +23,13 @@ from vramfit.runtime.tokenizer import Tokenizer
 class Model:
     """A loaded GGUF model with its tokenizer, chat template and one generation engine."""
 
-    def __init__(self, path: str | Path, n_ctx: int | None = None, kv_type=None):
-        """kv_type: KV cache storage, a `KVSpec`, "q8_0", "q8_0/q6_0" or None (float32)."""
+    def __init__(
+        self, path: str | Path, n_ctx: int | None = None, kv_type=None, gguf: GGUFFile | None = None
+    ):
+        """kv_type: KV cache storage, a `KVSpec`, "q8_0", "q8_0/q6_0" or None (float32); gguf: the file
+        already open (its metadata parsed), else it is opened here."""
         self.path = Path(path)
-        self.gguf = GGUFFile(self.path)
+        self.gguf = gguf or GGUFFile(self.path)
         self.model, _ = load_model(self.path, n_ctx, gguf=self.gguf, kv_type=kv_type)
         self.config = self.model.cfg
         self.tokenizer = Tokenizer(self.gguf.metadata)

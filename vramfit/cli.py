@@ -13,17 +13,25 @@ from collections.abc import Callable
 EXIT_USAGE = 2
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def _add_model(p: argparse.ArgumentParser, planned: bool = False) -> None:
+    """planned: the verb plans the load (run, chat, serve): the default context is the largest that
+    fits, and --mem sets the memory it may use."""
     p.add_argument(
         "model", help="GGUF path, short name (smollm2-135m, qwen2.5-coder-0.5b, ...) or hf:OWNER/REPO/FILE"
     )
-    p.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: min(train, 4096))")
+    default = "the largest that fits, up to the training context" if planned else "min(train, 4096)"
+    p.add_argument("-c", "--ctx", type=int, default=None, help=f"context length (default: {default})")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    if planned:
+        p.add_argument("--mem", "--vram", dest="mem", default=None, metavar="SIZE",
+                       help="memory the model may use: 12GiB, 8000MiB, auto (default: the available "
+                       "system memory) or cpu (no limit)")  # fmt: skip
 
 
 def _add_kv(p: argparse.ArgumentParser) -> None:
     kv = "f32 f16 bf16 q8_0 q6_0 q5_0 q4_0 iq4_nl"
-    p.add_argument("-ctk", "--ctk", "--cache-type-k", dest="ctk", default="f32", help=f"K cache type: {kv}")
+    p.add_argument("-ctk", "--ctk", "--cache-type-k", dest="ctk", default=None,
+                   help=f"K cache type: {kv} or auto (default: the best that fits)")  # fmt: skip
     p.add_argument(
         "-ctv", "--ctv", "--cache-type-v", dest="ctv", default=None, help="V cache type (default: as K)"
     )
@@ -65,14 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("run", help="generate a completion for a prompt")
-    _add_model(p)
+    _add_model(p, planned=True)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _add_kv(p)
     _add_sampling(p)
 
     p = sub.add_parser("chat", help="interactive chat that keeps history")
-    _add_model(p)
+    _add_model(p, planned=True)
     p.add_argument("-s", "--system", default=None, help="system message")
     _add_kv(p)
     _add_sampling(p)
@@ -93,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, tools, metrics)")
-    _add_model(p)
+    _add_model(p, planned=True)
+    _add_kv(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--parallel", type=int, default=1, help="slots: requests generated at the same time")
@@ -103,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory plan: what fits in VRAM (weights, KV cache, state, workspace)")
     p.add_argument("model", help="GGUF path or short name")
     p.add_argument("--vram", default="auto", help="device memory: 16GiB, 12000MiB, auto (the GPU's), cpu")
+    p.add_argument("--mem", default=None, help="plan for the CPU with this memory: 12GiB, auto (available)")
     p.add_argument("--ctx", default="max", help="context length per sequence, or max (default)")
     p.add_argument("--parallel", type=int, default=1, help="sequences held at the same time")
-    p.add_argument("--ctk", default="auto", help="K cache type (f16 bf16 q8_0 q6_0 q5_0 q4_0 iq4_nl) or auto")
+    p.add_argument(
+        "--ctk", default="auto", help="K cache type (f32 f16 bf16 q8_0 q6_0 q5_0 q4_0 iq4_nl) or auto"
+    )
     p.add_argument("--ctv", default=None, help="V cache type (default: as --ctk)")
     p.add_argument("--offload", action="store_true", help="allow weights in host memory when they do not fit")
     p.add_argument("--json", action="store_true")

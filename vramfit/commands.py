@@ -23,8 +23,11 @@ def _status(msg: str):
         yield
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, planned: bool = False):
+    """Open the model of `args`. planned (run, chat): first plan the load for the memory there is,
+    print the plan to stderr, and refuse in one line when nothing fits."""
     from vramfit.api import Model
+    from vramfit.gguf import GGUFFile
     from vramfit.hub import resolve
 
     path = resolve(args.model)
@@ -32,6 +35,11 @@ def _load(args: argparse.Namespace):
         from vramfit.kernels.dispatch import set_threads
 
         set_threads(args.threads)
+    if planned:
+        gguf = GGUFFile(path)
+        f = _fit(args, gguf)
+        with _status(f"loading {path.name}"):
+            return Model(path, f.ctx, f.kv, gguf=gguf)
     kv = {}
     if getattr(args, "ctk", None):
         from vramfit.model.kvcache import KVSpec
@@ -39,6 +47,16 @@ def _load(args: argparse.Namespace):
         kv["kv_type"] = KVSpec.parse(args.ctk, args.ctv, args.khad, args.vhad)
     with _status(f"loading {path.name}"):
         return Model(path, args.ctx, **kv)
+
+
+def _fit(args: argparse.Namespace, gguf, parallel: int = 1):
+    from vramfit.runtime.fit import fit, resolve_mem
+    from vramfit.runtime.plan_cli import report
+
+    mem = resolve_mem(args.mem)
+    f = fit(gguf, args.ctx, args.ctk, args.ctv, args.khad, args.vhad, mem, parallel)
+    report(f.plan, err)
+    return f
 
 
 def _print_stats(m) -> None:
@@ -57,7 +75,7 @@ def _write(text: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from vramfit.cli import _sampling
 
-    m = _load(args)
+    m = _load(args, planned=True)
     if args.chat:
         prompt = m.render([{"role": "user", "content": args.prompt}])
     else:
@@ -73,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from vramfit.cli import _sampling
 
-    m = _load(args)
+    m = _load(args, planned=True)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     err.print(f"[dim]chatting with {m.path.name} (ctx {m.n_ctx}); /reset clears, /exit or Ctrl-D quits[/dim]")
     interactive = sys.stdin.isatty()
@@ -217,7 +235,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         err.print("vramfit: error: --parallel must be at least 1")
         return 2
-    serve(args.model, args.host, args.port, args.ctx, args.parallel, args.api_key, args.cors or None)
+    # only what the user set: serve() plans the rest (context, cache types, memory)
+    given = {k: getattr(args, k) for k in ("ctk", "ctv", "mem") if getattr(args, k) is not None}
+    given |= {k: True for k in ("khad", "vhad") if getattr(args, k)}
+    serve(args.model, args.host, args.port, args.ctx, args.parallel, args.api_key, args.cors or None, **given)
     return 0
 
 

@@ -38,14 +38,19 @@ def parse_ctx(text: str) -> int | str:
 
 
 def make_plan(args: argparse.Namespace) -> tuple[Plan, ModelInfo]:
+    """--mem plans for the CPU with that much memory (auto: what is available); else --vram."""
     from vramfit.gguf import GGUFFile
     from vramfit.hub import resolve
+    from vramfit.runtime.fit import resolve_mem
 
     info = ModelInfo.from_gguf(GGUFFile(resolve(args.model)))
-    vram = resolve_vram(args.vram)
+    if args.mem is not None:
+        budget, device = resolve_mem(args.mem), CPU
+    else:
+        budget = resolve_vram(args.vram)
+        device = CPU if budget is None else CUDA
     kv = args.ctk if args.ctk == "auto" else (args.ctk, args.ctv or args.ctk)
-    p = plan(info, vram, parse_ctx(args.ctx), kv, args.parallel, device=CPU if vram is None else CUDA,
-             offload=args.offload)  # fmt: skip
+    p = plan(info, budget, parse_ctx(args.ctx), kv, args.parallel, device=device, offload=args.offload)
     return p, info
 
 
@@ -58,14 +63,25 @@ def run_plan(args: argparse.Namespace, out, err) -> int:
     else:
         out.print(plan_table(p))
         out.print(kv_table(p, info))
-        for w in p.warnings:
-            err.print(f"[yellow]warning:[/yellow] {w}")
-        if p.fits:
-            out.print(f"[bold]{p.verdict}[/bold]")
     if not p.fits:
         err.print(f"vramfit: error: {p.verdict}; nearest: {' or '.join(p.nearest)}")
         return 2
+    report_warnings(p, err)
+    if not args.json:
+        out.print(f"[bold]{p.verdict}[/bold]")
     return 0
+
+
+def report(p: Plan, console) -> None:
+    """What `run`, `chat` and `serve` print before loading: the itemised table, warnings, the verdict."""
+    console.print(plan_table(p))
+    report_warnings(p, console)
+    console.print(f"[bold]{p.verdict}[/bold]")
+
+
+def report_warnings(p: Plan, console) -> None:
+    for w in p.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
 
 
 def _gib(n: int) -> str:
