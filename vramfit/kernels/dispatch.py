@@ -230,6 +230,20 @@ class FusedLinear:
             self.groups.append((concat_rows(ws), bias, [w.shape[0] for w in ws]))
             i = j
 
+    def parts(self) -> list[QWeight]:
+        """One weight per original, in order: views into the stacked rows where stacking made a copy,
+        so that a caller can drop its own references to the originals (or to their permuted copies)."""
+        out: list[QWeight] = []
+        for w, _, sizes in self.groups:
+            if len(sizes) == 1:
+                out.append(w)
+                continue
+            r0 = 0
+            for name, n in zip(w.name.split("+"), sizes, strict=True):
+                out.append(QWeight(w.packed[r0 : r0 + n], w.gtype, (n, w.shape[1]), name))
+                r0 += n
+        return out
+
     def copied(self) -> list[str]:
         """Names of the GGUF tensors whose bytes now live in a stacked copy."""
         return [n for w, _, sizes in self.groups if len(sizes) > 1 for n in w.name.split("+")]

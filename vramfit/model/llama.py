@@ -154,6 +154,9 @@ class LlamaModel:
             copied += [blk.wq.name, blk.wk.name]
         blk.qkv = FusedLinear([blk.wq, blk.wk, blk.wv], [blk.bq, blk.bk, blk.bv])
         blk.gate_up = FusedLinear([blk.w_gate, blk.w_up], [None, None])
+        # the block's own fields become views of the stacked copies: no second copy of permuted rows
+        blk.wq, blk.wk, blk.wv = blk.qkv.parts()
+        blk.w_gate, blk.w_up = blk.gate_up.parts()
         # the permuted / stacked copies replace the mapped originals: drop those pages
         src.release(copied + blk.qkv.copied() + blk.gate_up.copied())
         return blk

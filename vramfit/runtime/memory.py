@@ -5,11 +5,11 @@ process's measured peak:
 
 - weights (`weight_bytes`): the loader maps the GGUF and keeps most matrices as views of the mapping,
   resident once the forward reads them. Weights of one type that take the same input (q/k/v, gate/up:
-  dispatch.FusedLinear) are stacked into copies and the originals' pages released, so they count once.
-  Llama-family models with NeoX RoPE keep their row-permuted q/k (model/llama.py `_pair_rotary_dims`)
-  beside the stacked copy: those count twice. 1-D tensors become float32 copies; an untied token
-  embedding is read a row per token (plus the kernel's fault-around); matrices the fast CPU kernels do
-  not take are decoded once to float32 (dispatch.QWeight.dense) next to their packed rows.
+  dispatch.FusedLinear) are stacked into copies and the originals' pages released, so they count once
+  (the row-permuted q/k of NeoX-RoPE models are views of the stacked copy). 1-D tensors become
+  float32 copies; an untied token embedding is read a row per token (plus the kernel's fault-around);
+  matrices the fast CPU kernels do not take are decoded once to float32 (dispatch.QWeight.dense)
+  next to their packed rows.
 - KV cache: n_kv_heads * head_dim values of K and of V per token per attention layer in the cache
   type's blocks (model/kvcache.py), allocated whole (torch.zeros writes every page).
 - workspace (`workspace_bytes`): the float32 activations alive at the peak of one prefill chunk.
@@ -89,7 +89,6 @@ class ModelInfo:
     dn_head_dim: int = 0
     dn_channels: int = 0
     rope_dim: int = 0  # rotary dims (the RoPE table holds rope_dim / 2 complex64 per position)
-    keeps_permuted_qk: bool = False  # llama.py with NeoX RoPE: permuted q/k beside the stacked copy
 
     @property
     def weight_bytes(self) -> int:
@@ -103,7 +102,6 @@ class ModelInfo:
     @classmethod
     def from_metadata(cls, md: dict[str, Any], tensors: list[tuple], name: str = "") -> ModelInfo:
         """From GGUF metadata and the tensor table [(name, bytes, type[, shape])] (no weights are read)."""
-        from vramfit.model.llama import LlamaModel
         from vramfit.model.loader import model_class
 
         model = model_class(md["general.architecture"])
@@ -126,7 +124,6 @@ class ModelInfo:
             state_bytes=state, tied_output=all(t.name != "output.weight" for t in entries),
             tensors=entries, dn_v_heads=dn.n_v_heads if dn else 0, dn_head_dim=dn.d_v if dn else 0,
             dn_channels=dn.conv_channels if dn else 0, rope_dim=cfg.rope.dim,
-            keeps_permuted_qk=issubclass(model, LlamaModel) and cfg.rope_style == "neox",
         )  # fmt: skip
 
 
@@ -167,7 +164,7 @@ def weight_bytes(info: ModelInfo, dev: Device, n_ctx: int, host: frozenset[str])
     if dev.name != "cpu":
         return WeightBytes(dev_w, host_w, f"{len(host)} tensors in host memory" if host else "")
     unread, note = _unread_embedding(info, n_ctx)
-    extra = _permuted_copies(info) + _float_copies(info)
+    extra = _float_copies(info)
     return WeightBytes(dev_w - unread + extra, host_w, note)
 
 
@@ -184,25 +181,6 @@ def _unread_embedding(info: ModelInfo, n_ctx: int) -> tuple[int, str]:
     read = min(embed.nbytes, round(windows * -math.expm1(rows * math.log1p(-1 / windows))) * FAULT_AROUND)
     note = f"embedding mapped: {read / MiB:.1f} of {embed.nbytes / MiB:.1f} MiB resident for {rows:,} rows"
     return embed.nbytes - read, note
-
-
-@lru_cache(maxsize=16)
-def _permuted_copies(info: ModelInfo) -> int:
-    """llama.py keeps the row-permuted wq/wk of NeoX-RoPE models as fields of the block; when they are
-    stacked with a neighbour of the same type (FusedLinear), the stacked copy holds them a second time."""
-    if not info.keeps_permuted_qk:
-        return 0
-    by_name = {t.name: t for t in info.tensors}
-    extra = 0
-    for i in range(info.n_layer):
-        q, k, v = (by_name.get(f"blk.{i}.attn_{x}.weight") for x in "qkv")
-        if q is None or k is None:
-            continue
-        if q.type == k.type:  # q and k in one stacked run: both permuted copies are extra
-            extra += q.nbytes + k.nbytes
-        elif v is not None and k.type == v.type:  # k stacked with v
-            extra += k.nbytes
-    return extra
 
 
 @lru_cache(maxsize=16)
