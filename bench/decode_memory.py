@@ -1,8 +1,8 @@
 """Peak memory while decoding on the CPU (issue 5): no more than 1.2x the GGUF file plus the KV cache.
 
 Method: each model runs in a fresh subprocess with the default allocator settings. After torch and
-vramfit are imported and one torch op has run (libraries and thread pools loaded), the peak resident
-set is reset (`5` to /proc/self/clear_refs) and the baseline RSS is read. The engine then loads the
+the modules a load uses (vramfit.api: tokenizers, jinja2, the kernels) are imported and one torch op
+has run (libraries and thread pools loaded, no model data yet), the peak resident set is reset (`5` to /proc/self/clear_refs) and the baseline RSS is read. The engine then loads the
 model with the given context (float32 KV cache, the default), prefills a prompt of --prompt tokens and
 decodes --decode tokens one at a time. Measured = peak RSS (VmHWM) - baseline: mapped and touched
 weights, their stacked copies, the KV cache, activations, kernel scratch and whatever the allocators
@@ -23,7 +23,7 @@ DEFAULT_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 
 CHILD = r"""
 import json, sys, torch
-import vramfit
+import vramfit, vramfit.api
 from vramfit.eval.bench import _tokens
 
 def status(key):
