@@ -2,8 +2,9 @@
 
 Method: each model runs in a fresh subprocess with the default allocator settings. After torch and
 the modules a load uses (vramfit.api: tokenizers, jinja2, the kernels) are imported and one torch op
-has run (libraries and thread pools loaded, no model data yet), the peak resident set is reset (`5` to /proc/self/clear_refs) and the baseline RSS is read. The engine then loads the
-model with the given context (float32 KV cache, the default), prefills a prompt of --prompt tokens and
+has run (libraries and thread pools loaded, no model data yet), the peak resident set is reset (`5`
+to /proc/self/clear_refs) and the baseline RSS is read. The engine then loads the model with the
+given context (float32 KV cache, the default), prefills a prompt of --prompt tokens and
 decodes --decode tokens one at a time. Measured = peak RSS (VmHWM) - baseline: mapped and touched
 weights, their stacked copies, the KV cache, activations, kernel scratch and whatever the allocators
 keep. Bound = 1.2 x file size + KV cache bytes.
