@@ -211,18 +211,23 @@ def workspace_bytes(
 ) -> int:
     """float32 activations alive at the peak of a prefill chunk of `batch` tokens ending at `ctx`.
 
-    Alive through every layer: x, the previous chunk's hidden state (Engine.eval holds it while the next
-    chunk runs) and the previous layer's gate/up product (the forward's `gate, up` are rebound only when
-    the next product is done); in the hybrid model also the norm h. On top, the largest of
-    - the MLP: the norm h and the new gate/up product beside the old one;
+    Alive through every layer: x and the previous chunk's hidden state (Engine.eval holds it while the
+    next chunk runs); in the hybrid model also the norm h and the previous layer's gate/up product (its
+    forward's `gate, up` are rebound only when the next product is done; llama.py's `layer` drops them
+    on return). On top, the largest of
+    - the MLP: llama family, the gate/up product, the SwiGLU output and the down product; hybrid, the
+      norm h and the new gate/up product beside the old one;
     - attention: h, the rotated q and its RoPE copy, k and v, the output and its reshaped copy, plus
       `attention_bytes` (in the hybrid model also the output gate);
     - a Gated DeltaNet layer: conv in/out, and per value head z, o and the chunk's (64 x 64) matrices."""
     n, e, f = batch, info.n_embd, info.n_ff
     q, kv = info.n_head * info.head_dim, info.n_head_kv * info.head_dim
-    live = 4 * n * (2 * e + 2 * f + (e if info.dn_v_heads else 0))
-    mlp = 4 * n * (e + 2 * f)
-    attn = 4 * n * (e + 3 * q + 2 * kv + (q if info.dn_v_heads else 0))
+    hybrid = bool(info.dn_v_heads)
+    live = 4 * n * (2 * e + (e + 2 * f if hybrid else 0))
+    mlp = 4 * n * (e + 2 * f if hybrid else e + 3 * f)
+    # the C kernel writes the (n, q) output directly; torch's SDPA output is transposed and copied
+    outs = 1 if _c_attention(info, dev) else 2
+    attn = 4 * n * (e + (1 + outs) * q + 2 * kv + (q if info.dn_v_heads else 0))
     attn += attention_bytes(info, batch, ctx, dev, k, v)
     dn = 0
     if info.dn_v_heads:
@@ -234,21 +239,33 @@ def workspace_bytes(
 def attention_bytes(
     info: ModelInfo, batch: int, ctx: int, dev: Device, k: str = "f32", v: str = "f32"
 ) -> int:
-    """Attention temporaries beyond q/k/v and the output. Both paths are flash-style (no batch x ctx
-    score matrix). A GPU's fused kernels read the cache in place: per-tile partial sums. The CPU path
-    (torch's fused SDPA with a boolean causal mask) holds the mask and the float mask torch derives from
-    it (5 bytes x batch x ctx), and reads a cache not stored as float32 back as float32 (model/kvcache.py
-    `KVStore.read`): n_kv_heads x ctx x head_dim floats for K and for V."""
+    """Attention temporaries beyond q/k/v and the output. Every path is flash-style (no batch x ctx
+    score matrix). A GPU's fused kernels read the cache in place: per-tile partial sums. On the CPU a
+    cache not stored as float32 is read back as float32 (model/kvcache.py `KVStore.read`): n_kv_heads x
+    ctx x head_dim floats for K and for V; then the C kernel (kernels/cpu/qattn_avx512.c) keeps a
+    transposed copy of the keys (a buffer that only grows), while torch's SDPA (no AVX-512, odd head
+    sizes) holds a boolean causal mask and the float mask it derives from it (5 bytes x batch x ctx)."""
     if dev.flash_attention:
         return 4 * info.n_head * batch * 2 * info.head_dim
     decoded = sum(t != "f32" for t in (k, v)) * 4 * info.n_head_kv * ctx * info.head_dim
+    if _c_attention(info, dev):
+        return decoded + 4 * info.n_head_kv * -(-ctx // 32) * 32 * info.head_dim
     return 5 * batch * ctx + decoded
+
+
+def _c_attention(info: ModelInfo, dev: Device) -> bool:
+    """Whether CPU prefill attention runs on the C kernel (model/layers.py `attention`)."""
+    from vramfit.kernels import cpu as cpu_kernels
+
+    return dev.name == "cpu" and cpu_kernels.attention_supported(info.head_dim)
 
 
 def workspace_allocations(info: ModelInfo, batch: int, ctx: int, k: str, v: str) -> list[int]:
     """The sizes of the single large activation allocations of a prefill chunk (for `allocator_bytes`)."""
     n, e, f = batch, info.n_embd, info.n_ff
-    sizes = [4 * n * 2 * f, 4 * n * f, 4 * n * e, 4 * n * info.n_head * info.head_dim, 4 * batch * ctx]
+    sizes = [4 * n * 2 * f, 4 * n * f, 4 * n * e, 4 * n * info.n_head * info.head_dim]
+    if not _c_attention(info, CPU):
+        sizes.append(4 * batch * ctx)  # torch's float causal mask
     if k != "f32" or v != "f32":
         sizes.append(4 * info.n_head_kv * ctx * info.head_dim)
     if info.dn_v_heads:
@@ -300,9 +317,10 @@ def allocator_bytes(info: ModelInfo, dev: Device, batch: int, ctx: int, k: str, 
     CPU: glibc's malloc serves a block from mmap (returned when freed) only above its mmap threshold,
     which rises to the largest mmap'ed block freed so far (at most 32 MiB); smaller blocks come from the
     heap, whose free top is given back only beyond twice that threshold. So at the peak the heap may hold
-    up to 2 x the largest activation under 32 MiB unused. (Its holes come and go with the order of the
-    frees: bench/plan_accuracy.py measures 0.5 to 3 times that activation on the shipped models.)"""
+    up to 2 x the largest activation under 32 MiB unused; the item is 1.5 x, fitted to what
+    bench/plan_accuracy.py measures on the shipped models (its holes come and go with the order of the
+    frees: 0.5 to 3 times that activation)."""
     if dev.name != "cpu":
         return int(dev.allocator_fraction * ws) + dev.allocator_bytes
     sizes = [s for s in workspace_allocations(info, batch, ctx, k, v) if s <= MMAP_THRESHOLD_MAX]
-    return 2 * max(sizes, default=0)
+    return 3 * max(sizes, default=0) // 2
