@@ -184,7 +184,7 @@ class _Cost:
             Item("cuda context" if d.name == "cuda" else "runtime", runtime_bytes(i, d, n, ctx),
                  note="" if d.name == "cuda" else "RoPE table, kernel buffer, threads"),
             Item("allocator", allocator_bytes(i, d, n, ctx, k, v, ws // slots) * slots,
-                 note="" if d.name == "cuda" else "heap malloc keeps (2 x largest activation)"),
+                 note="" if d.name == "cuda" else "heap malloc keeps (1.5 x largest activation)"),
         ]  # fmt: skip
         return [it for it in items if it.device_bytes or it.host_bytes or it.what == "kv cache"]
 
