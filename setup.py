@@ -60,7 +60,9 @@ def _extensions():
                     "qgemm.h",
                     "qgemm_impl.h",
                     "qgemm_unpack.h",
+                    "qgemm_unpack_iqk.h",
                     "qgemm_decode.h",
+                    "qgemm_tiles.h",
                     "qmath_avx512.h",
                     "qlayer.h",
                 )
