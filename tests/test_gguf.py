@@ -19,7 +19,7 @@ from gguf import gguf_reader
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.constants import GGUFValueType as VT
 
-from vramfit.gguf import GGUFError, GGUFFile, GGUFWriter, UnknownTypeError, copy_gguf
+from vramfit.gguf import GGUFError, GGUFFile, GGUFWriter, StringArray, UnknownTypeError, copy_gguf
 from vramfit.gguf.types import type_by_id, type_by_name
 
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b"]
@@ -78,7 +78,7 @@ def test_real_metadata_matches_gguf_py(real):
         vtype, sub = ours.metadata_types[key]
         assert [vtype] + ([sub] if sub is not None else []) == field.types, key
     # the arrays really are arrays (the tokenizer vocabulary) and were compared element by element
-    assert isinstance(ours.metadata["tokenizer.ggml.tokens"], list)
+    assert isinstance(ours.metadata["tokenizer.ggml.tokens"], StringArray)
     assert len(ours.metadata["tokenizer.ggml.tokens"]) > 40000
     assert ours.metadata_types["tokenizer.ggml.tokens"] == (VT.ARRAY, VT.STRING)
 
@@ -244,6 +244,37 @@ def test_gguf_py_written_file_reads_and_copies_identically(tmp_path):
         assert f.tensor_bytes("b").tobytes() == b.tobytes()
         copy_gguf(f, dst)
     assert src.read_bytes() == dst.read_bytes()
+
+
+def test_string_arrays_read_lazily_and_copy_byte_for_byte(tmp_path):
+    """String arrays stay as their stored bytes: items decode on access, invalid UTF-8 shows as
+    U+FFFD but is written back unchanged, and the array outlives the closed file."""
+    src, dst = tmp_path / "s.gguf", tmp_path / "copy.gguf"
+    items = [b"a", b"", "\u00fcn\u00ef \u2713".encode(), b"bad \xff\xfe", b"z" * 300]
+    body = struct.pack("<IQ", int(VT.STRING), len(items)) + b"".join(
+        struct.pack("<Q", len(b)) + b for b in items
+    )
+    head = (
+        b"GGUF"
+        + struct.pack("<IQQ", 3, 0, 1)
+        + struct.pack("<Q", 4)
+        + b"toks"
+        + struct.pack("<I", int(VT.ARRAY))
+    )
+    src.write_bytes(head + body + b"\0" * (-(len(head) + len(body)) % 32))
+    with GGUFFile(src) as f:
+        toks = f.metadata["toks"]
+        copy_gguf(f, dst)
+    assert src.read_bytes() == dst.read_bytes()
+    assert isinstance(toks, StringArray) and len(toks) == 5
+    expected = [b.decode("utf-8", errors="replace") for b in items]
+    assert list(toks) == expected and toks == expected and expected == toks
+    assert toks[3] == "bad \ufffd\ufffd" and toks[-1] == "z" * 300 and toks[1:3] == expected[1:3]
+    assert toks.index(expected[2]) == 2 and "a" in toks and toks != expected[:4]
+    with pytest.raises(IndexError):
+        toks[5]
+    with pytest.raises(IndexError):
+        toks[-6]
 
 
 def test_version_2_reads(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -175,9 +176,9 @@ def _layer_summary(g) -> str:
 
 
 def _show_value(key: str, value, full: bool) -> str:
-    if isinstance(value, list):
+    if isinstance(value, Sequence) and not isinstance(value, str):
         if full:
-            return repr(value)
+            return repr(list(value))
         head = ", ".join(repr(v) for v in value[:4])
         return f"[{len(value)} items: {head}{', ...' if len(value) > 4 else ''}]"
     if isinstance(value, str) and len(value) > 120 and not full:

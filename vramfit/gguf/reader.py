@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,58 @@ class TensorInfo:
         return self.n_elements // self.shape[-1] if self.shape else 1
 
 
+class StringArray(Sequence):
+    """A GGUF string array kept as the bytes it is stored as; an item is decoded when read.
+
+    A 150K-token vocabulary as Python strings costs ~10 MiB; as one bytes object plus an offset
+    table it costs ~2 MiB, whichever file or mapping it came from (closing the file keeps it valid).
+    Compares equal to any sequence of the same strings.
+    """
+
+    __slots__ = ("_raw", "_starts")
+
+    def __init__(self, raw: bytes, starts: np.ndarray):
+        # raw: each string as u64 length + UTF-8 bytes; starts[i]: where string i's bytes begin,
+        # starts[n]: len(raw) + 8 (so that string i ends at starts[i + 1] - 8)
+        self._raw, self._starts = raw, starts
+
+    @property
+    def raw(self) -> bytes:
+        """The array's items exactly as stored in GGUF (length-prefixed UTF-8)."""
+        return self._raw
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("StringArray index out of range")
+        s, e = int(self._starts[i]), int(self._starts[i + 1]) - 8
+        return self._raw[s:e].decode("utf-8", errors="replace")
+
+    def __iter__(self) -> Iterator[str]:
+        raw, starts = self._raw, self._starts.tolist()
+        for s, e in zip(starts, starts[1:], strict=False):
+            yield raw[s : e - 8].decode("utf-8", errors="replace")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StringArray):
+            return self._raw == other._raw
+        if isinstance(other, str) or not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StringArray({len(self)} strings)"
+
+
 class _Cursor:
     def __init__(self, buf: memoryview, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
@@ -75,9 +128,25 @@ class _Cursor:
         self.pos += n
         return s
 
+    def strings(self, n: int) -> StringArray:
+        begin, pos, size, buf = self.pos, self.pos, len(self.buf), self.buf
+        # filled in place (no list of n Python ints); 4-byte offsets unless the array is over 4 GiB
+        starts = np.empty(n + 1, dtype=np.uint32 if size - begin < 2**32 - 8 else np.int64)
+        for i in range(n):
+            if pos + 8 > size:
+                raise GGUFError(f"{self.path}: truncated GGUF header (string array at {begin})")
+            pos += 8
+            starts[i] = pos - begin
+            pos += struct.unpack_from("<Q", buf, pos - 8)[0]
+        if pos > size:
+            raise GGUFError(f"{self.path}: truncated GGUF header (string array at {begin})")
+        starts[n] = pos - begin + 8
+        self.pos = pos
+        return StringArray(bytes(buf[begin:pos]), starts)
+
     def array(self, vtype: VT, n: int) -> Any:
         if vtype == VT.STRING:
-            return [self.string() for _ in range(n)]
+            return self.strings(n)
         if vtype == VT.ARRAY:
             return [self.value(VT.ARRAY) for _ in range(n)]
         dt = np.dtype(_NP[vtype]).newbyteorder("<")
@@ -158,6 +227,10 @@ class GGUFFile:
                     f"but the file has {len(self._buf)}"
                 )
             self.tensors[name] = TensorInfo(name, shape, gtype, offset, nbytes)
+        # the header is parsed (string arrays copied out): its pages need not stay resident
+        header = self.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        if header:
+            self._mmap.madvise(mmap.MADV_DONTNEED, 0, header)
 
     def _tensor_info(self, c: _Cursor) -> tuple[str, tuple[int, ...], GGMLType, int]:
         name = c.string()

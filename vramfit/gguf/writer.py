@@ -7,13 +7,14 @@ Metadata is given as (key, value) with an optional explicit value type so that a
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 from gguf.constants import GGUFValueType as VT
 
-from vramfit.gguf.reader import _NP, _SCALAR, DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFFile
+from vramfit.gguf.reader import _NP, _SCALAR, DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFFile, StringArray
 from vramfit.gguf.types import GGMLType
 
 _VT_BY_DTYPE = {np.dtype(t): vt for vt, t in _NP.items()}
@@ -32,7 +33,7 @@ def _guess_vtype(value: Any) -> tuple[VT, VT | None]:
         return VT.FLOAT32, None
     if isinstance(value, str):
         return VT.STRING, None
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, (Sequence, np.ndarray)):
         first = value[0] if len(value) else ""
         return VT.ARRAY, _guess_vtype(first)[0]
     raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata")
@@ -49,6 +50,8 @@ def _value(vtype: VT, sub: VT | None, value: Any) -> bytes:
     if vtype == VT.ARRAY:
         assert sub is not None
         head = struct.pack("<IQ", sub, len(value))
+        if sub == VT.STRING and isinstance(value, StringArray):
+            return head + value.raw  # the bytes as read: no decode / encode round trip
         if sub == VT.STRING:
             return head + b"".join(_string(v) for v in value)
         if sub == VT.ARRAY:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,22 +53,25 @@ class Rope:
     """
 
     def __init__(self, cfg: RopeConfig, max_pos: int, freq_factors: torch.Tensor | None = None):
+        # the table is computed in float64 with numpy: torch's float64 kernels for it would be ~4 MiB
+        # of library code paged in for a one-off (a fifth of a small model's memory headroom)
         self.cfg = cfg
         half = cfg.dim // 2
-        inv_freq = cfg.base ** (-torch.arange(0, half, dtype=torch.float64) * 2 / cfg.dim)
+        inv_freq = cfg.base ** (-np.arange(half, dtype=np.float64) * 2 / cfg.dim)
         if freq_factors is not None:
-            inv_freq = inv_freq / freq_factors.to(torch.float64)[:half]
+            inv_freq = inv_freq / freq_factors.numpy().astype(np.float64)[:half]
         mscale = 1.0
         if cfg.scaling == "linear":
             inv_freq = inv_freq / cfg.factor
         elif cfg.scaling == "yarn":
             inv_freq, mscale = self._yarn(inv_freq)
-        angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        cos = (angles.cos() * mscale).to(torch.float32)  # (max_pos, half)
-        sin = (angles.sin() * mscale).to(torch.float32)
-        self.freqs = torch.complex(cos, sin)
+        angles = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq[None, :]
+        table = np.empty((max_pos, half, 2), dtype=np.float32)  # (cos, sin) pairs = complex64
+        table[..., 0] = np.cos(angles) * mscale
+        table[..., 1] = np.sin(angles) * mscale
+        self.freqs = torch.view_as_complex(torch.from_numpy(table))  # (max_pos, half)
 
-    def _yarn(self, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _yarn(self, inv_freq: np.ndarray) -> tuple[np.ndarray, float]:
         # Blend interpolated and extrapolated frequencies by a ramp over the correction dims (YaRN).
         c, dim = self.cfg, self.cfg.dim
         orig = c.orig_ctx or 4096
@@ -77,8 +81,8 @@ class Rope:
 
         lo = max(0.0, math.floor(corr_dim(c.beta_fast)))
         hi = min(dim - 1.0, math.ceil(corr_dim(c.beta_slow)))
-        i = torch.arange(dim // 2, dtype=torch.float64)
-        ramp = ((i - lo) / max(0.001, hi - lo)).clamp(0, 1)
+        i = np.arange(dim // 2, dtype=np.float64)
+        ramp = np.clip((i - lo) / max(0.001, hi - lo), 0, 1)
         extrap = 1.0 - ramp  # 1 where frequencies are kept as trained
         inv = inv_freq / c.factor * (1 - extrap) + inv_freq * extrap
         mscale = c.attn_factor * (1.0 + 0.1 * math.log(c.factor)) if c.factor > 1 else c.attn_factor

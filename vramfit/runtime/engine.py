@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vramfit.runtime.heap import release_free_heap
 from vramfit.runtime.sampling import Sampler, SamplingParams
+
+TRIM_AFTER = 64  # prefills at least this long hand their freed activations back (a trim takes ~1 ms)
 
 
 class ContextOverflowError(ValueError):
@@ -50,13 +53,16 @@ class Stats:
 @dataclass
 class Engine:
     model: object
-    prefill_chunk: int = 512
+    # tokens per prefill step: 256 is as fast as 512 on the CPU kernels and halves the activations
+    # (bench/decode_memory.py); the memory planner's CPU device plans with the same number
+    prefill_chunk: int = 256
     tokens: list[int] = field(default_factory=list)  # what the cache holds, position by position
 
     def __post_init__(self) -> None:
         torch.set_num_threads(1)  # small ops on one thread; big ones ask for more (dispatch.parallel_torch)
         self.cache = self.model.new_cache()
         self.n_ctx = self.model.n_ctx
+        release_free_heap()  # what loading the weights and the tokenizer left behind
 
     def reset(self) -> None:
         self.tokens = []
@@ -77,6 +83,8 @@ class Engine:
             chunk = ids[s : s + self.prefill_chunk]
             hidden = self.model.forward(torch.tensor(chunk, dtype=torch.long), self.cache, s)
             self.tokens.extend(chunk)
+        if len(ids) - keep >= TRIM_AFTER:
+            release_free_heap()  # the prefill's activations: a long-running server should not keep them
         return self.model.logits(hidden[-1:])[0]
 
     def _reusable(self, ids: list[int]) -> int:

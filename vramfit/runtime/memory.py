@@ -45,6 +45,7 @@ class Device:
     margin_min: int = 0
     flash_attention: bool = False  # fused kernels read the KV cache in place, no masks
     embed_on_host: bool = False
+    prefill_batch: int = 512  # tokens per prefill chunk (the engine's default for this device)
 
 
 CUDA = Device("cuda", 384 * MiB, 0.05, 64 * MiB, 0.02, 256 * MiB, True, True)
@@ -52,7 +53,7 @@ CUDA = Device("cuda", 384 * MiB, 0.05, 64 * MiB, 0.02, 256 * MiB, True, True)
 # model's Python objects and the library code first run by the forward (measured with
 # bench/plan_accuracy.py: about 10 MiB on the shipped models). The margin keeps room for what the plan
 # does not count: the tokenizer (20-60 MiB on the shipped models), other processes.
-CPU = Device("cpu", context_bytes=10 * MiB, margin_fraction=0.02, margin_min=256 * MiB)
+CPU = Device("cpu", context_bytes=10 * MiB, margin_fraction=0.02, margin_min=256 * MiB, prefill_batch=256)
 
 
 @dataclass(frozen=True)

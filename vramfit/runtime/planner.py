@@ -210,13 +210,15 @@ def plan(
     ctx: int | str = "max",
     kv_type: str | tuple[str, str] = "auto",
     parallel: int = 1,
-    batch: int = 512,
+    batch: int | None = None,
     device: Device | None = None,
     offload: bool = False,
 ) -> Plan:
     """The itemised memory plan for `vram_bytes` of device memory (None: the CPU with no limit).
-    `device` defaults to CUDA when a size is given; CPU with a size plans into that much host memory."""
+    `device` defaults to CUDA when a size is given; CPU with a size plans into that much host memory.
+    batch: prefill chunk, by default the engine's for the device."""
     dev = device or (CPU if vram_bytes is None else CUDA)
+    batch = batch or dev.prefill_batch
     if parallel < 1:
         raise PlanError("--parallel must be at least 1")
     if ctx != "max" and (not isinstance(ctx, int) or ctx < 1):

@@ -29,8 +29,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
+
+from vramfit.gguf.reader import GGUFFile, StringArray
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +224,16 @@ class Tokenizer:
         tokens = metadata.get("tokenizer.ggml.tokens")
         if not tokens:
             raise TokenizerError("GGUF has no tokenizer.ggml.tokens")
-        self.tokens: list[str] = list(tokens)
+        # a GGUF StringArray stays as it is (~10 MiB less than Python strings for a large vocabulary)
+        self.tokens: Sequence[str] = tokens if isinstance(tokens, StringArray) else list(tokens)
         types = metadata.get("tokenizer.ggml.token_type")
-        self.token_types: list[int] = list(types) if types else [TokenType.NORMAL] * len(self.tokens)
+        n_types = len(types) if types is not None else 0
+        # one byte per token (types are 1..6; anything else reads as unknown to TokenType)
+        self.token_types = (
+            np.asarray(types, dtype=np.int64).clip(0, 255).astype(np.uint8).tobytes()
+            if n_types
+            else bytes([TokenType.NORMAL]) * len(self.tokens)
+        )
         self.pre = "" if self.model == "llama" else resolve_pre(metadata.get("tokenizer.ggml.pre"))
         self._read_special_ids(metadata)
         self._read_flags(metadata)
@@ -261,8 +271,6 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """Read the tokenizer of the GGUF file at `path`."""
-        from vramfit.gguf.reader import GGUFFile
-
         with GGUFFile(path) as gguf:
             return cls(gguf.metadata)
 
