@@ -23,7 +23,7 @@ allocator item, which checks the allocator item separately from the rest.
 Predicted = `plan(...)` on the CPU (no budget) with the same context, batch and KV type.
 
 Run:  .venv/bin/python bench/plan_accuracy.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--ctx 2048]
-      [--batch 512] [--kv f32,q8_0] [--live]
+      [--batch 256] [--kv f32,q8_0] [--live]
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
     ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=256)  # the CPU engine's prefill chunk
     ap.add_argument("--decode", type=int, default=4)
     ap.add_argument("--kv", default="f32,q8_0")
     ap.add_argument("--live", action="store_true", help="also measure with malloc returning frees at once")

@@ -264,15 +264,23 @@ class GGUFFile:
         row = t.type.row_nbytes(t.shape[-1]) if t.shape else t.nbytes
         return arr.reshape(-1, row)
 
-    def release(self, name: str) -> None:
-        """Drop a tensor's pages from this process's memory (they are re-read from disk if touched
-        again). For tensors whose bytes were copied elsewhere, e.g. stacked with their neighbours."""
-        t = self.tensors[name]
+    def release(self, *names: str) -> None:
+        """Drop tensors' pages from this process's memory (they are re-read from disk if touched
+        again). For tensors whose bytes were copied elsewhere, e.g. stacked with their neighbours.
+        Tensors next to each other in the file are dropped as one span, so the page they share goes
+        too; a page shared with a tensor not named stays."""
+        spans = sorted((self.data_offset + self.tensors[n].offset, self.tensors[n].nbytes) for n in names)
+        merged: list[list[int]] = []
+        for start, nbytes in spans:
+            if merged and start - merged[-1][1] < self.alignment:  # only padding in between
+                merged[-1][1] = max(merged[-1][1], start + nbytes)
+            else:
+                merged.append([start, start + nbytes])
         page = mmap.PAGESIZE
-        start = self.data_offset + t.offset
-        lo, hi = -(-start // page) * page, (start + t.nbytes) // page * page
-        if hi > lo:
-            self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        for start, end in merged:
+            lo, hi = -(-start // page) * page, end // page * page
+            if hi > lo:
+                self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
         try:

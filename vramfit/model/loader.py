@@ -66,8 +66,7 @@ class WeightSource:
         return self.gguf.tensors[name]
 
     def release(self, names: list[str]) -> None:
-        for name in names:
-            self.gguf.release(name)
+        self.gguf.release(*names)
 
     def is_vector(self, name: str) -> bool:
         return len(self._info(name).shape) == 1

@@ -90,8 +90,8 @@ class Q4_0(_LegacyCodec):
     def decode(self, data, n_per_row):
         b = self._blocks(data)  # (rows, nb, 18)
         d = f16(b, 0)  # (rows, nb, 1)
-        q = nibbles(b[..., 2:18]).to(torch.int32) - 8  # (rows, nb, 32)
-        return rows_out(q.float() * d, n_per_row)
+        q = nibbles(b[..., 2:18]).float().sub_(8)  # (rows, nb, 32); in place from here (KV reads)
+        return rows_out(q.mul_(d), n_per_row)
 
 
 @register
@@ -102,7 +102,7 @@ class Q4_1(_LegacyCodec):
         b = self._blocks(data)  # (rows, nb, 20)
         d, m = f16(b, 0), f16(b, 2)  # (rows, nb, 1)
         q = nibbles(b[..., 4:20]).float()  # (rows, nb, 32)
-        return rows_out(q * d + m, n_per_row)
+        return rows_out(q.mul_(d).add_(m), n_per_row)
 
 
 def _q5_quants(b: torch.Tensor, qh_off: int) -> torch.Tensor:
@@ -119,8 +119,8 @@ class Q5_0(_LegacyCodec):
     def decode(self, data, n_per_row):
         b = self._blocks(data)  # (rows, nb, 22)
         d = f16(b, 0)
-        q = _q5_quants(b, 2) - 16
-        return rows_out(q.float() * d, n_per_row)
+        q = _q5_quants(b, 2).float().sub_(16)
+        return rows_out(q.mul_(d), n_per_row)
 
 
 @register
@@ -131,7 +131,7 @@ class Q5_1(_LegacyCodec):
         b = self._blocks(data)  # (rows, nb, 24)
         d, m = f16(b, 0), f16(b, 2)
         q = _q5_quants(b, 4).float()
-        return rows_out(q * d + m, n_per_row)
+        return rows_out(q.mul_(d).add_(m), n_per_row)
 
 
 @register
@@ -142,7 +142,7 @@ class Q8_0(_LegacyCodec):
         b = self._blocks(data)  # (rows, nb, 34)
         d = f16(b, 0)
         q = b[..., 2:34].contiguous().view(torch.int8).float()  # (rows, nb, 32)
-        return rows_out(q * d, n_per_row)
+        return rows_out(q.mul_(d), n_per_row)  # in place: a KV read makes one float copy, not two
 
 
 @register
@@ -156,8 +156,8 @@ class Q6_0(_LegacyCodec):
         crumbs = bit_fields(b[..., 2:10], 2)  # (rows, nb, 4, 8)
         hi = crumbs[..., [0, 2, 1, 3], :].reshape(*b.shape[:-1], QK)  # (rows, nb, 32)
         lo = nibbles(b[..., 10:26])  # (rows, nb, 32)
-        q = (lo | (hi << 4)).to(torch.int32) - 32
-        return rows_out(q.float() * d, n_per_row)
+        q = (lo | (hi << 4)).float().sub_(32)
+        return rows_out(q.mul_(d), n_per_row)
 
 
 @register
@@ -168,7 +168,7 @@ class IQ4_NL(_LegacyCodec):
         b = self._blocks(data)  # (rows, nb, 18)
         d = f16(b, 0)
         v = lookup(KVALUES_IQ4NL, nibbles(b[..., 2:18]))  # (rows, nb, 32)
-        return rows_out(d * v, n_per_row)
+        return rows_out(v.mul_(d), n_per_row)
 
 
 # ---------------------------------------------------------------------------------------------

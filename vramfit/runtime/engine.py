@@ -15,7 +15,7 @@ import torch
 from vramfit.runtime.heap import release_free_heap
 from vramfit.runtime.sampling import Sampler, SamplingParams
 
-TRIM_AFTER = 64  # prefills at least this long hand their freed activations back (a trim takes ~1 ms)
+TRIM_AFTER = 64  # prefill chunks at least this long hand their freed activations back (~1 ms a trim)
 
 
 class ContextOverflowError(ValueError):
@@ -83,8 +83,10 @@ class Engine:
             chunk = ids[s : s + self.prefill_chunk]
             hidden = self.model.forward(torch.tensor(chunk, dtype=torch.long), self.cache, s)
             self.tokens.extend(chunk)
-        if len(ids) - keep >= TRIM_AFTER:
-            release_free_heap()  # the prefill's activations: a long-running server should not keep them
+            if len(chunk) >= TRIM_AFTER:
+                # hand back the chunk's freed activations: the next chunk's attention buffers are larger
+                # and would leave these as holes, and a long-running server should not keep them
+                release_free_heap()
         return self.model.logits(hidden[-1:])[0]
 
     def _reusable(self, ids: list[int]) -> int:
