@@ -52,7 +52,8 @@ CUDA = Device("cuda", 384 * MiB, 0.05, 64 * MiB, 0.02, 256 * MiB, True, True)
 # the CPU engine: beside the counted items, thread stacks, torch's per-thread attention buffers, the
 # model's Python objects and the library code first run by the forward (measured with
 # bench/plan_accuracy.py: about 10 MiB on the shipped models). The margin keeps room for what the plan
-# does not count: the tokenizer (20-60 MiB on the shipped models), other processes.
+# does not count: the tokenizer (about 10 MiB for SmolLM2's 49K vocabulary, 30 MiB for Qwen2.5's 151K,
+# mostly the tokenizers library's maps), other processes.
 CPU = Device("cpu", context_bytes=10 * MiB, margin_fraction=0.02, margin_min=256 * MiB, prefill_batch=256)
 
 
