@@ -13,7 +13,7 @@ import numpy as np
 
 from vramfit.gguf import GGUFFile
 from vramfit.hub import resolve
-from vramfit.model.loader import load_model
+from vramfit.model.loader import load_model, resolve_device
 from vramfit.runtime.chat_template import render_chat, template_from_metadata
 from vramfit.runtime.engine import Engine, Stats
 from vramfit.runtime.sampling import SamplingParams
@@ -24,13 +24,16 @@ class Model:
     """A loaded GGUF model with its tokenizer, chat template and one generation engine."""
 
     def __init__(
-        self, path: str | Path, n_ctx: int | None = None, kv_type=None, gguf: GGUFFile | None = None
-    ):
+        self, path: str | Path, n_ctx: int | None = None, kv_type=None, gguf: GGUFFile | None = None,
+        device: str | None = None,
+    ):  # fmt: skip
         """kv_type: KV cache storage, a `KVSpec`, "q8_0", "q8_0/q6_0" or None (float32); gguf: the file
-        already open (its metadata parsed), else it is opened here."""
+        already open (its metadata parsed), else it is opened here; device: "auto" (None: a CUDA GPU
+        when there is one, else the CPU), "cpu", "cuda"."""
         self.path = Path(path)
         self.gguf = gguf or GGUFFile(self.path)
-        self.model, _ = load_model(self.path, n_ctx, gguf=self.gguf, kv_type=kv_type)
+        self.device = resolve_device(device)
+        self.model, _ = load_model(self.path, n_ctx, gguf=self.gguf, kv_type=kv_type, device=self.device)
         self.config = self.model.cfg
         self.tokenizer = Tokenizer(self.gguf.metadata)
         self.chat_template = template_from_metadata(self.gguf.metadata)
@@ -119,7 +122,10 @@ class _Detok:
         return self._dec.flush()
 
 
-def load(path_or_name: str | Path, n_ctx: int | None = None, kv_type=None) -> Model:
+def load(
+    path_or_name: str | Path, n_ctx: int | None = None, kv_type=None, device: str | None = None
+) -> Model:
     """Open a GGUF by path, short name (`smollm2-135m`, ...) or `hf:OWNER/REPO/FILE.gguf`.
-    kv_type: KV cache storage ("q8_0", "q8_0/q6_0", a `vramfit.model.kvcache.KVSpec`); default float32."""
-    return Model(resolve(str(path_or_name)), n_ctx, kv_type)
+    kv_type: KV cache storage ("q8_0", "q8_0/q6_0", a `vramfit.model.kvcache.KVSpec`); default float32.
+    device: "auto" (None), "cpu" or "cuda"."""
+    return Model(resolve(str(path_or_name)), n_ctx, kv_type, device=device)

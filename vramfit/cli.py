@@ -22,6 +22,7 @@ def _add_model(p: argparse.ArgumentParser, planned: bool = False) -> None:
     default = "the largest that fits, up to the training context" if planned else "min(train, 4096)"
     p.add_argument("-c", "--ctx", type=int, default=None, help=f"context length (default: {default})")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default=None, help="auto (default: a CUDA GPU when there is one), cpu or cuda")
     if planned:
         p.add_argument("--mem", "--vram", dest="mem", default=None, metavar="SIZE",
                        help="memory the model may use: 12GiB, 8000MiB, auto (default: the available "

@@ -36,26 +36,29 @@ def _load(args: argparse.Namespace, planned: bool = False):
         from vramfit.kernels.dispatch import set_threads
 
         set_threads(args.threads)
+    device = getattr(args, "device", None)
     if planned:
         gguf = GGUFFile(path)
         f = _fit(args, gguf)
         with _status(f"loading {path.name}"):
-            return Model(path, f.ctx, f.kv, gguf=gguf)
+            return Model(path, f.ctx, f.kv, gguf=gguf, device=device)
     kv = {}
     if getattr(args, "ctk", None):
         from vramfit.model.kvcache import KVSpec
 
         kv["kv_type"] = KVSpec.parse(args.ctk, args.ctv, args.khad, args.vhad)
     with _status(f"loading {path.name}"):
-        return Model(path, args.ctx, **kv)
+        return Model(path, args.ctx, **kv, device=device)
 
 
 def _fit(args: argparse.Namespace, gguf, parallel: int = 1):
+    from vramfit.model.loader import resolve_device
     from vramfit.runtime.fit import fit, resolve_mem
     from vramfit.runtime.plan_cli import report
 
-    mem = resolve_mem(args.mem)
-    f = fit(gguf, args.ctx, args.ctk, args.ctv, args.khad, args.vhad, mem, parallel)
+    device = resolve_device(getattr(args, "device", None))
+    mem = resolve_mem(args.mem, device)
+    f = fit(gguf, args.ctx, args.ctk, args.ctv, args.khad, args.vhad, mem, parallel, device)
     report(f.plan, err)
     return f
 
@@ -237,7 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         err.print("vramfit: error: --parallel must be at least 1")
         return 2
     # only what the user set: serve() plans the rest (context, cache types, memory)
-    given = {k: getattr(args, k) for k in ("ctk", "ctv", "mem") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("ctk", "ctv", "mem", "device") if getattr(args, k) is not None}
     given |= {k: True for k in ("khad", "vhad") if getattr(args, k)}
     serve(args.model, args.host, args.port, args.ctx, args.parallel, args.api_key, args.cors or None, **given)
     return 0

@@ -13,11 +13,13 @@ from vramfit.server.serving import Serving
 
 def test_serve_options_reach_the_server(monkeypatch):
     seen = {}
-    monkeypatch.setattr("vramfit.server.app.serve", lambda *a: seen.setdefault("args", a))
+    monkeypatch.setattr("vramfit.server.app.serve", lambda *a, **k: seen.update(args=a, kw=k))
     argv = ["serve", MODEL, "--host", "127.0.0.1", "--port", "9001", "--ctx", "512", "--parallel", "3",
-            "--api-key", "k", "--cors", "http://a.example", "--cors", "http://b.example"]  # fmt: skip
+            "--api-key", "k", "--cors", "http://a.example", "--cors", "http://b.example", "--device", "cpu",
+            "-ctk", "q8_0", "--mem", "2GiB"]  # fmt: skip
     assert cli.main(argv) == 0
     assert seen["args"] == (MODEL, "127.0.0.1", 9001, 512, 3, "k", ["http://a.example", "http://b.example"])
+    assert seen["kw"] == {"device": "cpu", "ctk": "q8_0", "mem": "2GiB"}
 
 
 def test_serve_defaults(monkeypatch):

@@ -5,7 +5,11 @@ Backends:
   and multiplied with torch. It is exact (float32 throughout) and is the oracle for the others.
 - "cpu": the fused C kernels of `vramfit.kernels.cpu` (int8 activations x packed weights, never a
   float copy of the weights), for the types they support; other types use the reference.
-"auto" (the default) picks "cpu" when the extension is built and the CPU has AVX2.
+- "triton": the Triton kernels of `vramfit.kernels.triton` (fused dequantize-and-multiply from the
+  packed rows) for the types they support, also for CPU tensors when Triton runs in its interpreter
+  (TRITON_INTERPRET=1: how the GPU path is tested without a GPU); other types use the reference.
+"auto" (the default) picks "cpu" for tensors on the CPU when the extension is built and the CPU has
+AVX2, and "triton" for tensors on a CUDA device.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from vramfit.kernels import cpu as cpu_kernels
 from vramfit.quant import get_codec
 
-BACKENDS = ("auto", "reference", "cpu")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 _backend = "auto"
 _threads = torch.get_num_threads()  # threads for the fused kernels (their own pool, not torch's)
 
@@ -56,6 +60,8 @@ def set_backend(name: str) -> None:
         raise ValueError(f"unknown kernel backend {name!r} (choose from {', '.join(BACKENDS)})")
     if name == "cpu" and not cpu_kernels.available():
         raise ValueError("the fast CPU kernels are not available on this machine (not built, or no AVX2)")
+    if name == "triton" and not _triton_runs():
+        raise ValueError("the Triton kernels need triton and a CUDA device (or TRITON_INTERPRET=1)")
     _backend = name
 
 
@@ -83,8 +89,36 @@ def takes_cpu_kernels(w: QWeight) -> bool:
     return w._cpu_ok
 
 
+def _cpu_ops(x: torch.Tensor) -> bool:
+    """Whether the C kernels (products, norms, attention, SwiGLU) take work on x: CPU tensors on the
+    "auto" and "cpu" backends (the "triton" backend tests the GPU path's ops on the CPU)."""
+    return _backend in ("auto", "cpu") and x.device.type == "cpu"
+
+
 def _fast(w: QWeight, x: torch.Tensor) -> bool:
-    return _backend != "reference" and x.device.type == "cpu" and takes_cpu_kernels(w)
+    return _cpu_ops(x) and takes_cpu_kernels(w)
+
+
+def _triton_runs() -> bool:
+    from vramfit.kernels import triton as triton_kernels
+
+    return triton_kernels.available() or (triton_kernels.importable() and triton_kernels.interpreted())
+
+
+def _triton(w: QWeight, x: torch.Tensor) -> bool:
+    """Whether the Triton kernels multiply w: on a CUDA device by default, on the CPU only when asked
+    for (the "triton" backend under the interpreter); a weight already decoded keeps its float copy."""
+    if w._dense is not None or _backend in ("reference", "cpu"):
+        return False
+    if x.device.type != "cuda" and _backend != "triton":
+        return False
+    if w._triton_ok is None:
+        from vramfit.kernels import triton as triton_kernels
+
+        w._triton_ok = triton_kernels.supports(w.gtype.name, w.shape[1])
+    # q5_1 with one activation row is wrong on the GPU (kernels/triton/__init__.py, open bug)
+    one_row = x.numel() == x.shape[-1]
+    return w._triton_ok and not (w.gtype.name == "q5_1" and x.device.type == "cuda" and one_row)
 
 
 _n_dense = 0  # weights decoded to float so far: a fused path re-checks its weights when this moves
@@ -104,6 +138,7 @@ class QWeight:
         self.name = name
         self._dense: torch.Tensor | None = None
         self._cpu_ok: bool | None = None  # whether the fused CPU kernels take this weight
+        self._triton_ok: bool | None = None  # whether the Triton kernels take it
 
     def dense(self) -> torch.Tensor:
         """float32 (out_features, in_features), decoded once and cached."""
@@ -128,12 +163,7 @@ class QWeight:
 def fast_attention(q: torch.Tensor, head_dim: int) -> bool:
     """Whether prefill attention for these queries runs on the C kernel (float32 on a CPU with
     AVX-512; the reference backend keeps torch's SDPA as the oracle)."""
-    return (
-        _backend != "reference"
-        and q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and cpu_kernels.attention_supported(head_dim)
-    )
+    return _cpu_ops(q) and q.dtype == torch.float32 and cpu_kernels.attention_supported(head_dim)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -146,7 +176,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         and up.stride() == gate.stride()
         and up.data_ptr() == gate.data_ptr() + 4 * n_ff
     )
-    if stacked and _backend != "reference" and gate.dtype == torch.float32 and gate.device.type == "cpu":
+    if stacked and _cpu_ops(gate) and gate.dtype == torch.float32:
         if cpu_kernels.swiglu_supported():
             base = gate.as_strided((gate.shape[0], 2 * n_ff), (2 * n_ff, 1))
             return cpu_kernels.swiglu(base, _threads)
@@ -155,7 +185,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: one C call on the fast CPU path, torch's op otherwise."""
-    fast = _backend != "reference" and x.device.type == "cpu" and cpu_kernels.available()
+    fast = _cpu_ops(x) and cpu_kernels.available()
     if fast and x.dtype == torch.float32 and x.is_contiguous() and weight.is_contiguous():
         return cpu_kernels.rms_norm(x, weight, eps)
     return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
@@ -169,6 +199,12 @@ def linear(x: torch.Tensor, w: QWeight, bias: torch.Tensor | None = None) -> tor
     """x (..., in_features) float32 -> (..., out_features)."""
     for observe in input_observers:
         observe(w, x)
+    if _triton(w, x):
+        from vramfit.kernels import triton as triton_kernels
+
+        flat = x.reshape(-1, x.shape[-1])
+        y = triton_kernels.qmatmul(flat, w.packed, w.gtype.name).view(*x.shape[:-1], w.shape[0])
+        return y if bias is None else y.add_(bias)
     if _fast(w, x):
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         y = cpu_kernels.qmatmul(flat, w.packed, w.gtype.name, threads=_threads)
@@ -187,7 +223,7 @@ def fused_decoder(cfg, blocks: list, rope, n_ctx: int):
     """The one-call C decode step of a llama-family model (kernels/cpu/fused_decode.py), or None
     where the fast CPU kernels are missing or do not take all its weights. Before each step its
     `usable(cache)` says whether the Python path would run those kernels now."""
-    if not cpu_kernels.available():
+    if not cpu_kernels.available() or rope.freqs.device.type != "cpu":
         return None
     from vramfit.kernels.cpu.fused_decode import FusedDecoder  # it imports this module
 
@@ -225,7 +261,7 @@ class FusedLinear:
             ws, bs = weights[i:j], biases[i:j]
             bias = None
             if any(b is not None for b in bs):
-                zeros = [torch.zeros(w.shape[0]) for w in ws]
+                zeros = [torch.zeros(w.shape[0], device=w.packed.device) for w in ws]
                 bias = torch.cat([b if b is not None else z for b, z in zip(bs, zeros, strict=True)])
             self.groups.append((concat_rows(ws), bias, [w.shape[0] for w in ws]))
             i = j

@@ -91,20 +91,22 @@ class KVStore:
     """K or V of every layer: (n_layer, n_kv_heads, n_ctx, head_dim) values in one storage type."""
 
     def __init__(
-        self, type_name: str, n_layer: int, n_kv_heads: int, n_ctx: int, head_dim: int, rotate: bool
-    ):
+        self, type_name: str, n_layer: int, n_kv_heads: int, n_ctx: int, head_dim: int, rotate: bool,
+        device: torch.device | str | None = None,
+    ):  # fmt: skip
         self.type = type_name
         self.head_dim = head_dim
-        self.rotation = hadamard(head_dim) if rotate else None
+        self.rotation = hadamard(head_dim).to(device) if rotate else None
         if type_name in _FLOAT:
             self.codec = None
-            self.data = torch.zeros((n_layer, n_kv_heads, n_ctx, head_dim), dtype=_FLOAT[type_name])
+            shape = (n_layer, n_kv_heads, n_ctx, head_dim)
+            self.data = torch.zeros(shape, dtype=_FLOAT[type_name], device=device)
         else:
             from vramfit.quant import get_codec
 
             self.codec = get_codec(type_name)
             row = type_by_name(type_name).row_nbytes(head_dim)
-            self.data = torch.zeros((n_layer, n_kv_heads, n_ctx, row), dtype=torch.uint8)
+            self.data = torch.zeros((n_layer, n_kv_heads, n_ctx, row), dtype=torch.uint8, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -121,8 +123,9 @@ class KVStore:
         else:
             from vramfit.quant import encode  # C encoders where built (same bytes as the codec's)
 
-            rows = torch.from_numpy(encode(self.type, x.reshape(h * n, d).contiguous().float()))
-            self.data[layer, :, start : start + n] = rows.view(h, n, -1)
+            # (on a GPU the rows go through the host: fused device encoders are still to come)
+            rows = torch.from_numpy(encode(self.type, x.reshape(h * n, d).float().cpu().contiguous()))
+            self.data[layer, :, start : start + n] = rows.view(h, n, -1).to(self.data.device)
 
     def read(self, layer: int, end: int) -> torch.Tensor:
         """Positions 0..end-1 as float32 (n_kv_heads, end, head_dim), still rotated."""

@@ -88,6 +88,10 @@ class Rope:
         mscale = c.attn_factor * (1.0 + 0.1 * math.log(c.factor)) if c.factor > 1 else c.attn_factor
         return inv, mscale
 
+    def to(self, device: torch.device | str) -> Rope:
+        self.freqs = self.freqs.to(device)
+        return self
+
     def at(self, start: int, n: int) -> torch.Tensor:
         """Rotations for positions start..start+n-1, shaped (n, 1, dim/2) to broadcast over heads."""
         return self.freqs[start : start + n, None, :]
@@ -116,12 +120,14 @@ class KVCache:
     `dtype` is a torch float dtype or a `KVSpec` (block-quantized K/V, Hadamard rotations; see
     model/kvcache.py); `k`/`v` hold the stored form, `keys`/`values` give float32."""
 
-    def __init__(self, n_layer: int, n_kv_heads: int, head_dim: int, n_ctx: int, dtype=torch.float32):
+    def __init__(
+        self, n_layer: int, n_kv_heads: int, head_dim: int, n_ctx: int, dtype=torch.float32, device=None
+    ):
         self.spec = KVSpec.of(dtype)
         self.spec.check(head_dim)
         s = self.spec
-        self.k_store = KVStore(s.k, n_layer, n_kv_heads, n_ctx, head_dim, s.k_hadamard)
-        self.v_store = KVStore(s.v, n_layer, n_kv_heads, n_ctx, head_dim, s.v_hadamard)
+        self.k_store = KVStore(s.k, n_layer, n_kv_heads, n_ctx, head_dim, s.k_hadamard, device)
+        self.v_store = KVStore(s.v, n_layer, n_kv_heads, n_ctx, head_dim, s.v_hadamard, device)
         self.k, self.v = self.k_store.data, self.v_store.data
         self.n_ctx = n_ctx
 
@@ -159,7 +165,8 @@ def attention(q: torch.Tensor, cache: KVCache, layer: int, start: int, scale: fl
     else:
         qh = q.transpose(0, 1)  # (n_heads, n, head_dim)
         # from position 0 torch's own causal mask is the right one (and faster than an explicit one)
-        mask = None if start == 0 else torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        pos = torch.arange(end, device=q.device)
+        mask = None if start == 0 else pos[None, :] <= pos[start:, None]
         with dispatch.parallel_torch():  # 4-D inputs reach torch's fused (flash) CPU kernel
             out = F.scaled_dot_product_attention(
                 qh[None], k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale,

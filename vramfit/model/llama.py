@@ -177,7 +177,8 @@ class LlamaModel:
 
     def new_cache(self) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, self.n_ctx, getattr(self, "kv_type", None))
+        kv, device = getattr(self, "kv_type", None), getattr(self, "device", None)
+        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, self.n_ctx, kv, device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """tokens (n,) int64 at positions start..start+n-1 -> hidden states (n, n_embd)."""

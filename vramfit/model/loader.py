@@ -1,6 +1,8 @@
 """GGUF -> model: finds the architecture class by `general.architecture` and hands it the tensors.
 
-Weights stay packed and memory-mapped (zero-copy); 1-D tensors (norms, biases) become float32.
+Weights stay packed and memory-mapped (zero-copy); 1-D tensors (norms, biases) become float32. On
+another device (a GPU) each tensor is copied there as it is read, still packed, and its mapped pages
+are dropped; the model's own stacking and row reordering then happen on the device.
 """
 
 from __future__ import annotations
@@ -49,10 +51,18 @@ def _as_torch(arr: np.ndarray) -> torch.Tensor:
 
 
 class WeightSource:
-    """Typed access to the tensors of an open GGUF file."""
+    """Typed access to the tensors of an open GGUF file, on `device` (default: the CPU, zero-copy)."""
 
-    def __init__(self, gguf: GGUFFile):
+    def __init__(self, gguf: GGUFFile, device: torch.device | str | None = None):
         self.gguf = gguf
+        self.device = torch.device(device or "cpu")
+
+    def _placed(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t
+        t = t.to(self.device)
+        self.gguf.release(name)  # the device holds the bytes now
+        return t
 
     def __contains__(self, name: str) -> bool:
         return name in self.gguf.tensors
@@ -79,16 +89,40 @@ class WeightSource:
             get_codec(t.type)
         except UnsupportedTypeError as e:
             raise self.error(f"tensor {name}: {e}") from None
-        packed = _as_torch(self.gguf.tensor_bytes(name))
+        packed = self._placed(name, _as_torch(self.gguf.tensor_bytes(name)))
         return QWeight(packed, t.type, (t.shape[0], t.shape[1]), name)
 
     def vector(self, name: str) -> torch.Tensor:
         t = self._info(name)
         packed = _as_torch(self.gguf.tensor_bytes(name))
         try:
-            return get_codec(t.type).decode(packed, t.shape[-1]).reshape(-1).clone()
+            return self._placed(name, get_codec(t.type).decode(packed, t.shape[-1]).reshape(-1).clone())
         except UnsupportedTypeError as e:
             raise self.error(f"tensor {name}: {e}") from None
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """ "auto"/None: a CUDA device when torch sees one and Triton is installed, else the CPU; "cpu",
+    "cuda", "cuda:N" as given (a ModelError when that device is not there)."""
+    if name is None or str(name).lower() == "auto":
+        if not torch.cuda.is_available():  # (no triton import on a CPU-only machine: it is slow)
+            return torch.device("cpu")
+        from vramfit.kernels import triton as triton_kernels
+
+        return torch.device("cuda" if triton_kernels.importable() else "cpu")
+    try:
+        dev = torch.device(str(name).lower())
+    except RuntimeError:
+        raise ModelError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {name}: torch sees no CUDA device here (use --device cpu)")
+    from vramfit.kernels import triton as triton_kernels
+
+    if dev.type == "cuda" and not triton_kernels.importable():
+        raise ModelError(f"device {name}: triton is not installed (pip install 'vramfit[gpu]')")
+    if dev.type not in ("cpu", "cuda", "meta"):
+        raise ModelError(f"device {name}: only cpu and cuda are supported")
+    return dev
 
 
 def model_class(arch: str) -> type:
@@ -100,9 +134,12 @@ def model_class(arch: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def load_model(path: str | Path, n_ctx: int | None = None, gguf: GGUFFile | None = None, kv_type=None):
+def load_model(
+    path: str | Path, n_ctx: int | None = None, gguf: GGUFFile | None = None, kv_type=None, device=None
+):
     """Returns (model, gguf). n_ctx defaults to min(training context, 4096); kv_type is the KV cache
-    storage (see model/kvcache.py: "q8_0", "q8_0/q6_0", a KVSpec; default float32)."""
+    storage (see model/kvcache.py: "q8_0", "q8_0/q6_0", a KVSpec; default float32); device: where the
+    weights, the RoPE table and the caches live (default the CPU; "cuda" runs the Triton kernels)."""
     gguf = gguf or GGUFFile(path)
     md = gguf.metadata
     arch = md.get("general.architecture")
@@ -114,6 +151,9 @@ def load_model(path: str | Path, n_ctx: int | None = None, gguf: GGUFFile | None
     n_ctx = n_ctx or min(cfg.n_ctx_train, 4096)
     kv = KVSpec.of(kv_type)
     kv.check(cfg.head_dim)  # before the weights are touched
-    model = cls(cfg, WeightSource(gguf), n_ctx)
+    src = WeightSource(gguf, device)
+    model = cls(cfg, src, n_ctx)
     model.kv_type = kv  # new_cache() allocates this storage
+    model.device = src.device  # ... on this device
+    model.rope.to(src.device)
     return model, gguf

@@ -144,12 +144,12 @@ class HybridState:
 
     supports_truncate = False
 
-    def __init__(self, cfg: Qwen35Config, n_ctx: int, kv_dtype=torch.float32):  # dtype or KVSpec
+    def __init__(self, cfg: Qwen35Config, n_ctx: int, kv_dtype=torch.float32, device=None):  # dtype or KVSpec
         dn = cfg.deltanet
         n_rec = sum(cfg.is_recurrent(i) for i in range(cfg.n_layer))
-        self.kv = KVCache(cfg.n_layer - n_rec, cfg.n_head_kv, cfg.head_dim, n_ctx, kv_dtype)
-        self.conv = torch.zeros(n_rec, dn.conv_kernel - 1, dn.conv_channels)
-        self.ssm = torch.zeros(n_rec, dn.n_v_heads, dn.d_k, dn.d_v)
+        self.kv = KVCache(cfg.n_layer - n_rec, cfg.n_head_kv, cfg.head_dim, n_ctx, kv_dtype, device)
+        self.conv = torch.zeros(n_rec, dn.conv_kernel - 1, dn.conv_channels, device=device)
+        self.ssm = torch.zeros(n_rec, dn.n_v_heads, dn.d_k, dn.d_v, device=device)
         self.n_ctx = n_ctx
         self.pos = 0
 
@@ -213,7 +213,7 @@ def delta_rule_chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK
     gam = g.reshape(h, n, c).cumsum(-1)  # (H, N, C)
     beta = beta.reshape(h, n, c, 1)
 
-    causal = torch.ones(c, c, dtype=torch.bool).tril()
+    causal = torch.ones(c, c, dtype=torch.bool, device=k.device).tril()
     # e^(G_t - G_s) for s <= t; masked before exp since G_t - G_s > 0 above the diagonal
     decay = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     kb = k * beta
@@ -377,7 +377,8 @@ class Qwen35Model:
         return blk
 
     def new_cache(self) -> HybridState:
-        return HybridState(self.cfg, self.n_ctx, getattr(self, "kv_type", None))
+        kv, device = getattr(self, "kv_type", None), getattr(self, "device", None)
+        return HybridState(self.cfg, self.n_ctx, kv, device)
 
     def forward(self, tokens: torch.Tensor, cache: HybridState, start: int) -> torch.Tensor:
         """tokens (n,) int64 at positions start..start+n-1 -> hidden states (n, n_embd).

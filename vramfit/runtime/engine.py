@@ -53,13 +53,16 @@ class Stats:
 @dataclass
 class Engine:
     model: object
-    # tokens per prefill step: 256 is as fast as 512 on the CPU kernels and halves the activations
-    # (bench/decode_memory.py); the memory planner's CPU device plans with the same number
-    prefill_chunk: int = 256
+    # tokens per prefill step, by default 256 on the CPU (as fast as 512 on the C kernels, half the
+    # activations: bench/decode_memory.py) and 512 on a GPU; the memory planner's devices plan the same
+    prefill_chunk: int | None = None
     tokens: list[int] = field(default_factory=list)  # what the cache holds, position by position
 
     def __post_init__(self) -> None:
         torch.set_num_threads(1)  # small ops on one thread; big ones ask for more (dispatch.parallel_torch)
+        self.device = torch.device(getattr(self.model, "device", None) or "cpu")
+        if self.prefill_chunk is None:
+            self.prefill_chunk = 256 if self.device.type == "cpu" else 512
         self.cache = self.model.new_cache()
         self.n_ctx = self.model.n_ctx
         release_free_heap()  # what loading the weights and the tokenizer left behind
@@ -81,13 +84,16 @@ class Engine:
         hidden = None
         for s in range(keep, len(ids), self.prefill_chunk):
             chunk = ids[s : s + self.prefill_chunk]
-            hidden = self.model.forward(torch.tensor(chunk, dtype=torch.long), self.cache, s)
+            hidden = self.model.forward(self._ids(chunk), self.cache, s)
             self.tokens.extend(chunk)
             if len(chunk) >= TRIM_AFTER:
                 # hand back the chunk's freed activations: the next chunk's attention buffers are larger
                 # and would leave these as holes, and a long-running server should not keep them
                 release_free_heap()
-        return self.model.logits(hidden[-1:])[0]
+        return self.model.logits(hidden[-1:])[0].float().cpu()
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def _reusable(self, ids: list[int]) -> int:
         """How many cached tokens `ids` can keep. At least the last token is recomputed for its
@@ -107,7 +113,7 @@ class Engine:
         out = []
         for s in range(0, len(ids), self.prefill_chunk):
             chunk = ids[s : s + self.prefill_chunk]
-            out.append(self.model.logits(self.model.forward(torch.tensor(chunk), self.cache, s)))
+            out.append(self.model.logits(self.model.forward(self._ids(chunk), self.cache, s)).float().cpu())
             self.tokens.extend(chunk)
         return torch.cat(out)
 
@@ -162,8 +168,8 @@ class Engine:
     @torch.inference_mode()
     def _step(self, tok: int) -> torch.Tensor:
         pos = len(self.tokens)
-        hidden = self.model.forward(torch.tensor([tok], dtype=torch.long), self.cache, pos)
-        logits = self.model.logits(hidden)[0]
+        hidden = self.model.forward(self._ids([tok]), self.cache, pos)
+        logits = self.model.logits(hidden)[0].float().cpu()
         self.tokens.append(tok)
         return logits
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vramfit.gguf import GGUFFile
 from vramfit.model.kvcache import KVSpec
-from vramfit.runtime.planner import CPU, ModelInfo, Plan, PlanError, parse_size, plan
+from vramfit.runtime.planner import CPU, CUDA, ModelInfo, Plan, PlanError, parse_size, plan
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,14 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_mem(text: str | None) -> int | None:
-    """--mem / --vram for the engine's device (the CPU): a size, "auto" or None (the available system
-    memory), or "cpu" (no limit, as `plan --vram cpu`)."""
+def resolve_mem(text: str | None, device=None) -> int | None:
+    """--mem / --vram for the engine's device: a size, "auto" or None (the available system memory;
+    on a CUDA device, its free memory), or "cpu" (no limit, as `plan --vram cpu`)."""
     if text is None or text.lower() == "auto":
+        if device is not None and getattr(device, "type", device) == "cuda":
+            import torch
+
+            return torch.cuda.mem_get_info(device)[0]
         return available_memory()
     if text.lower() == "cpu":
         return None
@@ -60,15 +64,17 @@ def fit(
     vhad: bool = False,
     mem: int | None = None,
     parallel: int = 1,
+    device=None,
 ) -> Fit:
-    """The plan for loading `gguf` (an open file or a path) on the CPU with `mem` bytes (None: no
-    limit). ctx None: the largest that fits, up to the training context; ctk None or "auto": the best
-    cache quality that fits (ctv alone keeps K at f32, as the engine always did). Raises PlanError when
-    nothing fits."""
+    """The plan for loading `gguf` (an open file or a path) on `device` (a torch.device; default the
+    CPU) with `mem` bytes (None: no limit). ctx None: the largest that fits, up to the training
+    context; ctk None or "auto": the best cache quality that fits (ctv alone keeps K at f32, as the
+    engine always did). Raises PlanError when nothing fits."""
     info = ModelInfo.from_gguf(gguf if isinstance(gguf, GGUFFile) else GGUFFile(gguf))
     ctk, ctv = (t.lower() if t and t.lower() != "auto" else None for t in (ctk, ctv))
     kv = "auto" if ctk is None and ctv is None else (ctk or "f32", ctv or ctk or "f32")
-    p = plan(info, mem, "max" if ctx is None else ctx, kv, parallel, device=CPU)
+    on_gpu = device is not None and getattr(device, "type", device) == "cuda"
+    p = plan(info, mem, "max" if ctx is None else ctx, kv, parallel, device=CUDA if on_gpu else CPU)
     if not p.fits:
         raise PlanError(f"{p.verdict}; nearest: {' or '.join(p.nearest)}")
     spec = KVSpec(p.k_type, p.v_type, khad, vhad)

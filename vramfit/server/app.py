@@ -437,27 +437,30 @@ def serve(
     khad: bool = False,
     vhad: bool = False,
     mem: str | None = None,
+    device: str | None = None,
 ) -> None:
     """Plan the load of `model` (runtime/fit.py: the context and KV cache types that fit `mem`, default
-    the available memory, for `parallel` slots; the plan goes to stderr, and PlanError when nothing
-    fits), then load it in the background and serve it until interrupted (what `vramfit serve` runs)."""
+    the available memory of `device`, for `parallel` slots; the plan goes to stderr, and PlanError when
+    nothing fits), then load it in the background and serve it until interrupted (`vramfit serve`)."""
     import uvicorn
     from rich.console import Console
 
     from vramfit.api import Model
     from vramfit.gguf import GGUFFile
     from vramfit.hub import resolve
+    from vramfit.model.loader import resolve_device
     from vramfit.runtime.fit import fit, resolve_mem
     from vramfit.runtime.plan_cli import report
 
     path = resolve(model)
     gguf = GGUFFile(path)
-    f = fit(gguf, n_ctx, ctk, ctv, khad, vhad, resolve_mem(mem), parallel)
+    dev = resolve_device(device)
+    f = fit(gguf, n_ctx, ctk, ctv, khad, vhad, resolve_mem(mem, dev), parallel, dev)
     report(f.plan, Console(stderr=True, highlight=False, soft_wrap=True))
 
     def load_serving() -> Serving:
         name = model.rsplit("/", 1)[-1].removesuffix(".gguf")
-        return Serving(Model(path, f.ctx, f.kv, gguf=gguf), name, parallel)
+        return Serving(Model(path, f.ctx, f.kv, gguf=gguf, device=dev), name, parallel)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = create_app(load=load_serving, api_key=api_key, cors=cors)

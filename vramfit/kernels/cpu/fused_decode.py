@@ -154,7 +154,7 @@ class FusedDecoder:
 
     def usable(self, cache) -> bool:
         """Whether the Python path would run the fast kernels over this plain float32 cache now."""
-        if dispatch.get_backend() == "reference" or dispatch.input_observers:
+        if dispatch.get_backend() not in ("auto", "cpu") or dispatch.input_observers:
             return False
         if dispatch.dense_count() != self._dense_seen:  # a weight got a float copy: one of ours?
             self._dense_seen = dispatch.dense_count()

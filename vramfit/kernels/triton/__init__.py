@@ -47,13 +47,22 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def importable() -> bool:
+    """Triton installed (the kernels compile, or run in the interpreter)."""
+    return _k is not None
+
+
 def available() -> bool:
     """Triton importable and a CUDA device present: the GPU kernels can run."""
     return _k is not None and torch.cuda.is_available()
 
 
-def supports(type_name: str) -> bool:
-    return type_name.lower() in _TYPE_NAMES
+def supports(type_name: str, k: int | None = None) -> bool:
+    """A kernel for this type (and, given k, for rows of k weights: a whole number of its blocks)."""
+    name = type_name.lower()
+    if name not in _TYPE_NAMES:
+        return False
+    return k is None or _k is None or k % _k.TYPES[name][3] == 0
 
 
 def type_names() -> tuple[str, ...]:
@@ -128,4 +137,4 @@ def qmatmul(
     return out
 
 
-__all__ = ["available", "interpreted", "qmatmul", "supports", "type_names", "DECODE_MAX_BATCH"]
+__all__ = ["available", "importable", "interpreted", "qmatmul", "supports", "type_names", "DECODE_MAX_BATCH"]
