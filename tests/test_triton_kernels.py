@@ -32,8 +32,8 @@ from vramfit.quant import get_codec  # noqa: E402
 
 DEVICE = torch.device("cuda" if _GPU else "cpu")
 TYPES = list(vt.type_names())
-PRIORITY = ["iq4_ks", "q4_k", "q6_k", "q8_0", "q5_0", "q4_1"]
-LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"]
+PRIORITY = ["iq4_ks", "q4_k", "q6_k", "q8_0", "q5_0", "q4_1", "iq3_k", "iq5_ks"]
+LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q6_0"]
 
 if _GPU:
     # (N, K) per batch size 1..8: odd row counts, K from 256 to 4096

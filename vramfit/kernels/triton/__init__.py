@@ -11,10 +11,13 @@ larger ones (prefill) take tiles dequantized to fp16 (bf16 for bf16 activations)
 tensor cores with float32 accumulation; either way each weight byte is read once per program.
 See kernels.py.
 
-Status (H100, triton 3.6): every type matches the reference decode on the GPU except q5_1 at batch 1,
-which is off by about 7% of the output scale on a 4095 x 4096 matrix (small K passes, and the
-interpreter is exact on the same data), so it is an open bug; measured speeds are far from the
-bandwidth bound yet (see bench/gpu_decode.py).
+Every GGUF type the codecs decode has a kernel (24). Status on a GPU (H100, triton 3.6, the first 13
+types only: the other 11 were added without a GPU and are checked in the interpreter alone): every type
+matched the reference decode except q5_1 at batch 1, off by about 7% of the output scale on a 4095 x
+4096 matrix (small K passes, and the interpreter is exact on the same data), an open bug that
+`dispatch` routes around; measured speeds were far from the bandwidth bound (bench/gpu_decode.py).
+The later decoders gather bytes per weight and read two grids (iq6_k, iq2_kl) from a small table
+(`tab_ptr`): correct first, their word-load tuning needs a GPU.
 
 With TRITON_INTERPRET=1 set before triton is imported, the same kernels run on CPU tensors through
 Triton's interpreter (slow; used by the tests on machines without a GPU).
@@ -38,8 +41,21 @@ DECODE_MAX_BATCH = 8  # like ik_llama.cpp's MMVQ_MAX_BATCH_SIZE
 
 _TYPE_NAMES = (
     "iq4_ks", "q4_k", "q6_k", "q8_0", "q5_0", "q4_1", "iq4_k", "iq5_ks", "iq4_xs", "q4_0", "q5_k", "q5_1",
-    "iq4_nl",
+    "iq4_nl", "iq3_k", "iq2_k", "iq5_k", "iq2_ks", "iq3_ks", "q2_k", "q3_k", "iq4_kss", "iq6_k", "iq2_kl",
+    "q6_0",
 )  # fmt: skip
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _table(device: torch.device) -> torch.Tensor:
+    """The kernels' float32 grid tables on `device` (see kernels.py TAB_*)."""
+    t = _TABLES.get(device)
+    if t is None:
+        from vramfit.quant import grids
+
+        t = torch.cat([grids.IQ6NL_VALUES[:64].float(), grids.IQ2KL_PAIRS.reshape(-1).float()]).to(device)
+        _TABLES[device] = t
+    return t
 
 
 def interpreted() -> bool:
@@ -127,7 +143,7 @@ def qmatmul(
     dot_bf16 = x.dtype == torch.bfloat16 and not interpreted()
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
     _k._qmm_kernel[grid](
-        x, packed, out, m, n, k, k // block, packed.shape[1],
+        x, packed, out, _table(x.device), m, n, k, k // block, packed.shape[1],
         x.stride(0), out.stride(0),
         QT=code, BLOCK_M=bm, BLOCK_N=bn, MODE=cfg["mode"], DOT_BF16=dot_bf16, UNROLL=cfg["unroll"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -45,7 +45,21 @@ TYPES: dict[str, tuple[int, int, int, int]] = {
     "q5_k": (10, 0, 176, 256),
     "q5_1": (11, 0, 24, 32),
     "iq4_nl": (12, 0, 18, 32),
+    "iq3_k": (13, 0, 110, 256),
+    "iq2_k": (14, 0, 76, 256),
+    "iq5_k": (15, 0, 176, 256),
+    "iq2_ks": (16, 2, 70, 256),
+    "iq3_ks": (17, 2, 102, 256),
+    "q2_k": (18, 0, 84, 256),
+    "q3_k": (19, 0, 110, 256),
+    "iq4_kss": (20, 4, 128, 256),
+    "iq6_k": (21, 0, 212, 256),
+    "iq2_kl": (22, 2, 86, 256),
+    "q6_0": (23, 0, 26, 32),
 }
+# grids that are not a low-degree polynomial come from a float32 table in global memory (`tab_ptr`):
+TAB_IQ6 = 0  # iq6nl_values[0:64] (the shifted half is + 1)
+TAB_IQ2KL = 64  # iq2kl pairs: entry 2 * index + e, e = 0, 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,6 +86,21 @@ def _iq5_grid(q):
     x = q.to(tl.float32)
     p = ((0.009517045691609383 * x - 0.4375) * x + 12.378267288208008) * x - 125.75
     return tl.floor(p + 0.5)
+
+
+@triton.jit
+def _iq3_grid(q):
+    """iq3nl_values[q] for q in 0..7: a cubic within 0.34 of every value, rounded to nearest."""
+    x = q.to(tl.float32)
+    p = ((0.36616161465644836 * x - 4.136363506317139) * x + 26.742063522338867) * x - 62.969696044921875
+    return tl.floor(p + 0.5)
+
+
+@triton.jit
+def _iq2_grid(q):
+    """iq2nl_values[q] for q in 0..3: x^3 - 5x^2 + 22x - 31, exact in float32."""
+    x = q.to(tl.float32)
+    return ((x - 5.0) * x + 22.0) * x - 31.0
 
 
 @triton.jit
@@ -191,6 +220,206 @@ def _dq_iq4_k(wrow, c, BN: tl.constexpr):
     v = _iq4_grid(q) + tl.reshape(shift * 4.0, (BN, 8, 2, 1, 1))
     y = tl.reshape(dl, (BN, 8, 2, 1, 1)) * v
     return tl.reshape(y, (BN, 256))
+
+
+@triton.jit
+def _two_bit_planes(qs, BN: tl.constexpr):
+    """2-bit quants of a 256-weight block in Q2_K plane order, [BN, 256] int32: weight 32 * b + j is
+    bits 2 * (b % 4) of byte qs[32 * (b // 4) + j] (qs: [BN, 1] byte pointers to the 64 bytes)."""
+    p = tl.arange(0, 256)
+    b, j = p // 32, p % 32
+    q = tl.load(qs + (32 * (b // 4) + j)[None, :]).to(tl.int32)
+    return (q >> (2 * (b % 4))[None, :]) & 3
+
+
+@triton.jit
+def _sub16(dl, v, BN: tl.constexpr):
+    """dl [BN, 16] sub-block scales times v [BN, 256] values (sub-block k = weights 16k..16k+15)."""
+    y = tl.reshape(dl, (BN, 16, 1)) * tl.reshape(v, (BN, 16, 16))
+    return tl.reshape(y, (BN, 256))
+
+
+@triton.jit
+def _dq_iq3_k(wrow, c, BN: tl.constexpr):
+    # block 110: d f16 | extra u16 | scales_h u16 (sign bits) | scales_l[8] | qs[64] | qh[32]
+    blk = (wrow + c * 110)[:, None]
+    d = tl.load(_as_f16(blk)).to(tl.float32)
+    extra = tl.load(_as_u16(blk + 2)).to(tl.int32)
+    signs = tl.load(_as_u16(blk + 4)).to(tl.int32)
+    k = tl.arange(0, 16)
+    lb = tl.load(blk + 6 + (k // 2)[None, :]).to(tl.int32)
+    m = (lb >> (4 * (k % 2))[None, :]) & 15
+    L = (2 * m + 1) * (1 - 2 * ((signs >> k[None, :]) & 1))
+    dl = d * L.to(tl.float32)  # [BN, 16]
+    p = tl.arange(0, 256)
+    hi = (tl.load(blk + 78 + (p % 32)[None, :]).to(tl.int32) >> (p // 32)[None, :]) & 1  # bit b of qh[j]
+    v = _iq3_grid(_two_bit_planes(blk + 14, BN) | (hi << 2))
+    shift = tl.reshape(((extra >> k[None, :]) & 1).to(tl.float32) * 4.0, (BN, 16, 1))
+    v = tl.reshape(tl.reshape(v, (BN, 16, 16)) + shift, (BN, 256))
+    return _sub16(dl, v, BN)
+
+
+@triton.jit
+def _dq_iq2_k(wrow, c, BN: tl.constexpr):
+    # block 76: d f16 | extra u16 | scales[8] (4-bit, L = nibble - 8) | qs[64]
+    blk = (wrow + c * 76)[:, None]
+    d = tl.load(_as_f16(blk)).to(tl.float32)
+    extra = tl.load(_as_u16(blk + 2)).to(tl.int32)
+    k = tl.arange(0, 16)
+    lb = tl.load(blk + 4 + (k // 2)[None, :]).to(tl.int32)
+    dl = d * (((lb >> (4 * (k % 2))[None, :]) & 15) - 8).to(tl.float32)
+    v = _iq2_grid(_two_bit_planes(blk + 12, BN))
+    shift = tl.reshape(((extra >> k[None, :]) & 1).to(tl.float32) * 5.0, (BN, 16, 1))
+    v = tl.reshape(tl.reshape(v, (BN, 16, 16)) + shift, (BN, 256))
+    return _sub16(dl, v, BN)
+
+
+@triton.jit
+def _sub32(dl, v, BN: tl.constexpr):
+    """dl [BN, 8] group scales times v [BN, 256] values (group i = weights 32i..32i+31)."""
+    y = tl.reshape(dl, (BN, 8, 1)) * tl.reshape(v, (BN, 8, 32))
+    return tl.reshape(y, (BN, 256))
+
+
+@triton.jit
+def _dq_iq5_k(wrow, c, BN: tl.constexpr):
+    # block 176: d f16 | extra u16 | scales_h[4] | scales_l[8] | qs[128] (nibble planes) | qh[32]
+    blk = (wrow + c * 176)[:, None]
+    d = tl.load(_as_f16(blk)).to(tl.float32)
+    extra = tl.load(_as_u16(blk + 2)).to(tl.int32)
+    k = tl.arange(0, 16)
+    hb = tl.load(blk + 4 + (k // 4)[None, :]).to(tl.int32)
+    lb = tl.load(blk + 8 + (k // 2)[None, :]).to(tl.int32)
+    L = (((lb >> (4 * (k % 2))[None, :]) & 15) | (((hb >> (2 * (k % 4))[None, :]) & 3) << 4)) - 32
+    dl = d * L.to(tl.float32)
+    p = tl.arange(0, 256)
+    g, j = p // 32, p % 32  # weight 32g + j: nibble g % 2 of qs[32 (g // 2) + j], bit g of qh[j]
+    nib = (tl.load(blk + 16 + (32 * (g // 2) + j)[None, :]).to(tl.int32) >> (4 * (g % 2))[None, :]) & 15
+    hi = (tl.load(blk + 144 + j[None, :]).to(tl.int32) >> g[None, :]) & 1
+    v = _iq5_grid(nib | (hi << 4))
+    shift = tl.reshape(((extra >> k[None, :]) & 1).to(tl.float32) * 2.0, (BN, 16, 1))
+    v = tl.reshape(tl.reshape(v, (BN, 16, 16)) + shift, (BN, 256))
+    return _sub16(dl, v, BN)
+
+
+@triton.jit
+def _dq_iq2_ks(wrow, c, BN: tl.constexpr):
+    # row: f16 d_row | blocks of 70: extra u16 (bits 0-7 shifts, 8-15 scale bit 4) | scales[4] | qs[64]
+    drow = tl.load(_as_f16(wrow)).to(tl.float32)
+    blk = (wrow + 2 + c * 70)[:, None]
+    extra = tl.load(_as_u16(blk)).to(tl.int32)
+    i = tl.arange(0, 8)
+    lb = tl.load(blk + 2 + (i // 2)[None, :]).to(tl.int32)
+    L = (((lb >> (4 * (i % 2))[None, :]) & 15) | (((extra >> (8 + i)[None, :]) & 1) << 4)) - 16
+    dl = drow[:, None] * L.to(tl.float32)  # f32(d_row * L)
+    shift = tl.reshape(((extra >> i[None, :]) & 1).to(tl.float32) * 5.0, (BN, 8, 1))
+    v = tl.reshape(_iq2_grid(_two_bit_planes(blk + 6, BN)), (BN, 8, 32)) + shift
+    return _sub32(dl, tl.reshape(v, (BN, 256)), BN)
+
+
+@triton.jit
+def _dq_iq3_ks(wrow, c, BN: tl.constexpr):
+    # row: f16 d_row | blocks of 102: extra u16 (bits 0-7 scale bit 4, 8-15 shifts) | scales[4] | qs[64]
+    # | qh[32]; group i's scale is nibble i // 4 of scales[i % 4]
+    drow = tl.load(_as_f16(wrow)).to(tl.float32)
+    blk = (wrow + 2 + c * 102)[:, None]
+    extra = tl.load(_as_u16(blk)).to(tl.int32)
+    i = tl.arange(0, 8)
+    lb = tl.load(blk + 2 + (i % 4)[None, :]).to(tl.int32)
+    L = (((lb >> (4 * (i // 4))[None, :]) & 15) | (((extra >> i[None, :]) & 1) << 4)) - 16
+    dl = drow[:, None] * L.to(tl.float32)
+    p = tl.arange(0, 256)
+    hi = (tl.load(blk + 70 + (p % 32)[None, :]).to(tl.int32) >> (p // 32)[None, :]) & 1
+    v = _iq3_grid(_two_bit_planes(blk + 6, BN) | (hi << 2))
+    shift = tl.reshape(((extra >> (8 + i)[None, :]) & 1).to(tl.float32) * 4.0, (BN, 8, 1))
+    v = tl.reshape(v, (BN, 8, 32)) + shift
+    return _sub32(dl, tl.reshape(v, (BN, 256)), BN)
+
+
+@triton.jit
+def _dq_q2_k(wrow, c, BN: tl.constexpr):
+    # block 84: scales[16] (low nibble scale, high nibble min) | qs[64] | d f16 | dmin f16
+    blk = (wrow + c * 84)[:, None]
+    d = tl.load(_as_f16(blk + 80)).to(tl.float32)
+    dmin = tl.load(_as_f16(blk + 82)).to(tl.float32)
+    sc = tl.load(blk + tl.arange(0, 16)[None, :]).to(tl.int32)  # [BN, 16]
+    dl = tl.reshape(d * (sc & 15).to(tl.float32), (BN, 16, 1))
+    ml = tl.reshape(dmin * (sc >> 4).to(tl.float32), (BN, 16, 1))
+    q = tl.reshape(_two_bit_planes(blk + 16, BN).to(tl.float32), (BN, 16, 16))
+    return tl.reshape(dl * q - ml, (BN, 256))
+
+
+@triton.jit
+def _dq_q3_k(wrow, c, BN: tl.constexpr):
+    # block 110: hmask[32] | qs[64] | scales[12] (16 six-bit, minus 32) | d f16
+    blk = (wrow + c * 110)[:, None]
+    d = tl.load(_as_f16(blk + 108)).to(tl.float32)
+    k = tl.arange(0, 16)
+    lo = (tl.load(blk + 96 + (k % 8)[None, :]).to(tl.int32) >> (4 * (k // 8))[None, :]) & 15
+    hi = (tl.load(blk + 104 + (k % 4)[None, :]).to(tl.int32) >> (2 * (k // 4))[None, :]) & 3
+    dl = d * ((lo | (hi << 4)) - 32).to(tl.float32)  # [BN, 16]
+    p = tl.arange(0, 256)
+    hbit = (tl.load(blk + (p % 32)[None, :]).to(tl.int32) >> (p // 32)[None, :]) & 1  # bit k of hmask[l]
+    q = _two_bit_planes(blk + 32, BN) - 4 + 4 * hbit
+    return _sub16(dl, q.to(tl.float32), BN)
+
+
+@triton.jit
+def _dq_iq4_kss(wrow, c, BN: tl.constexpr):
+    # row: f32 d_row | blocks of 64 u16 words, 8 per 32-weight group i: bit 0 of word k is bit k of the
+    # group's IQ4_KS scale byte; a = word & ~1, a ^ (a >> 1) = IQ4_KS qs bytes 2k (low), 2k+1 (high)
+    drow = tl.load(wrow.to(tl.pointer_type(tl.float32)))
+    blk = (wrow + 4 + c * 128)[:, None]
+    words = tl.load(_as_u16(blk) + tl.arange(0, 64)[None, :]).to(tl.int32)  # [BN, 64]
+    kbit = tl.arange(0, 64) % 8
+    ls = tl.sum(tl.reshape((words & 1) << kbit[None, :], (BN, 8, 8)), axis=2)  # [BN, 8]
+    dl = drow[:, None] * ((ls & 0xFE) - 127).to(tl.float32)
+    t = tl.arange(0, 256)
+    i, b, h = t // 32, t % 16, (t % 32) // 16  # group, IQ4_KS byte, nibble
+    a = tl.load(_as_u16(blk) + (8 * i + b // 2)[None, :]).to(tl.int32) & 0xFFFE
+    v = a ^ (a >> 1)
+    q = (v >> (8 * (b % 2) + 4 * h)[None, :]) & 15
+    shift = tl.reshape((ls & 1).to(tl.float32) * 4.0, (BN, 8, 1))
+    y = tl.reshape(_iq4_grid(q), (BN, 8, 32)) + shift
+    return _sub32(dl, tl.reshape(y, (BN, 256)), BN)
+
+
+@triton.jit
+def _dq_iq6_k(wrow, c, tab, BN: tl.constexpr):
+    # block 212: d f16 | extra u16 | int8 scales[16] | qs[128] (nibble planes) | qh[64] (2-bit planes)
+    blk = (wrow + c * 212)[:, None]
+    d = tl.load(_as_f16(blk)).to(tl.float32)
+    extra = tl.load(_as_u16(blk + 2)).to(tl.int32)
+    k = tl.arange(0, 16)
+    L = tl.load((blk + 4 + k[None, :]).to(tl.pointer_type(tl.int8))).to(tl.float32)
+    dl = d * L  # [BN, 16]
+    p = tl.arange(0, 256)
+    g, j = p // 32, p % 32  # nibble g % 2 of qs[32 (g // 2) + j], bits 2 (g % 4) of qh[32 (g // 4) + j]
+    nib = (tl.load(blk + 20 + (32 * (g // 2) + j)[None, :]).to(tl.int32) >> (4 * (g % 2))[None, :]) & 15
+    hi = (tl.load(blk + 148 + (32 * (g // 4) + j)[None, :]).to(tl.int32) >> (2 * (g % 4))[None, :]) & 3
+    v = tl.load(tab + TAB_IQ6 + (nib | (hi << 4)))
+    shift = tl.reshape(((extra >> k[None, :]) & 1).to(tl.float32), (BN, 16, 1))
+    v = tl.reshape(tl.reshape(v, (BN, 16, 16)) + shift, (BN, 256))
+    return _sub16(dl, v, BN)
+
+
+@triton.jit
+def _dq_iq2_kl(wrow, c, tab, BN: tl.constexpr):
+    # row: f16 d_row | blocks of 86: scales_h u16 | scales_l[4] | qs[64] | qh[16]; group ib's scale is
+    # (nibble ib // 4 of scales_l[ib % 4] | 2 bits ib of scales_h << 4) - 32; each 5-bit index (low
+    # nibble ib % 2 of qs[16 (ib // 2) + jj], high bit ib of qh[jj]) gives weights 2 jj and 2 jj + 1
+    drow = tl.load(_as_f16(wrow)).to(tl.float32)
+    blk = (wrow + 2 + c * 86)[:, None]
+    sh = tl.load(_as_u16(blk)).to(tl.int32)
+    ib = tl.arange(0, 8)
+    sl = (tl.load(blk + 2 + (ib % 4)[None, :]).to(tl.int32) >> (4 * (ib // 4))[None, :]) & 15
+    dl = drow[:, None] * ((sl | (((sh >> (2 * ib)[None, :]) & 3) << 4)) - 32).to(tl.float32)
+    t = tl.arange(0, 256)
+    g, jj, e = t // 32, (t % 32) // 2, t % 2
+    lo = (tl.load(blk + 6 + (16 * (g // 2) + jj)[None, :]).to(tl.int32) >> (4 * (g % 2))[None, :]) & 15
+    hi = (tl.load(blk + 70 + jj[None, :]).to(tl.int32) >> g[None, :]) & 1
+    v = tl.load(tab + TAB_IQ2KL + 2 * (lo | (hi << 4)) + e[None, :])
+    return _sub32(dl, v, BN)
 
 
 @triton.jit
@@ -337,6 +566,20 @@ def _dq_iq4_nl(wrow, c, nb, BN: tl.constexpr):
 
 
 @triton.jit
+def _dq_q6_0(wrow, c, nb, BN: tl.constexpr):
+    # block 26: d f16 | qh[8] | qs[16]; weight w: low nibble w // 16 of qs[w % 16], high 2 bits
+    # (qh[w % 8] >> 2k) & 3 with k = 0, 2, 1, 3 for w // 8 = 0..3; y = d * (q - 32)
+    blk, valid = _legacy_blocks(wrow, c, nb, 26)
+    d = tl.where(valid, tl.load(_as_f16(blk)).to(tl.float32), 0.0)  # [BN, 8]
+    w = tl.arange(0, 32)
+    lo = (tl.load(blk[:, :, None] + 10 + (w % 16)[None, None, :]).to(tl.int32) >> (4 * (w // 16))) & 15
+    k = (w // 8 % 2) * 2 + w // 16
+    hi = (tl.load(blk[:, :, None] + 2 + (w % 8)[None, None, :]).to(tl.int32) >> (2 * k)) & 3
+    y = tl.reshape(d, (BN, 8, 1)) * ((lo | (hi << 4)) - 32).to(tl.float32)  # [BN, 8, 32]
+    return tl.reshape(y, (BN, 256))
+
+
+@triton.jit
 def _dq_q4_1(wrow, c, nb, BN: tl.constexpr):
     # block 20: d f16 | m f16 | qs[16]; y = d * q + m
     blk, valid = _legacy_blocks(wrow, c, nb, 20)
@@ -380,7 +623,7 @@ def _dq_q5_1(wrow, c, nb, BN: tl.constexpr):
 
 
 @triton.jit
-def _dequant(QT: tl.constexpr, wrow, c, nb, BN: tl.constexpr):
+def _dequant(QT: tl.constexpr, wrow, c, nb, tab, BN: tl.constexpr):
     if QT == 0:
         w = _dq_iq4_ks(wrow, c, BN)
     elif QT == 1:
@@ -405,6 +648,28 @@ def _dequant(QT: tl.constexpr, wrow, c, nb, BN: tl.constexpr):
         w = _dq_q5_k(wrow, c, BN)
     elif QT == 11:
         w = _dq_q5_1(wrow, c, nb, BN)
+    elif QT == 13:
+        w = _dq_iq3_k(wrow, c, BN)
+    elif QT == 14:
+        w = _dq_iq2_k(wrow, c, BN)
+    elif QT == 15:
+        w = _dq_iq5_k(wrow, c, BN)
+    elif QT == 16:
+        w = _dq_iq2_ks(wrow, c, BN)
+    elif QT == 17:
+        w = _dq_iq3_ks(wrow, c, BN)
+    elif QT == 18:
+        w = _dq_q2_k(wrow, c, BN)
+    elif QT == 19:
+        w = _dq_q3_k(wrow, c, BN)
+    elif QT == 20:
+        w = _dq_iq4_kss(wrow, c, BN)
+    elif QT == 21:
+        w = _dq_iq6_k(wrow, c, tab, BN)
+    elif QT == 22:
+        w = _dq_iq2_kl(wrow, c, tab, BN)
+    elif QT == 23:
+        w = _dq_q6_0(wrow, c, nb, BN)
     else:
         w = _dq_iq4_nl(wrow, c, nb, BN)
     return w
@@ -419,6 +684,7 @@ def _qmm_kernel(
     x_ptr,
     w_ptr,
     o_ptr,
+    tab_ptr,  # float32 grid tables (TAB_*), read by the types whose grid is not a polynomial
     M,
     N,
     K,
@@ -447,15 +713,15 @@ def _qmm_kernel(
                 # both chunks' loads are issued before either is used; an odd last chunk re-reads the
                 # final chunk (in bounds) against zero activations
                 c1 = tl.minimum(c0 + 1, n_chunks - 1)
-                w0 = _dequant(QT, wrow, c0, nb, BLOCK_N)
-                w1 = _dequant(QT, wrow, c1, nb, BLOCK_N)
+                w0 = _dequant(QT, wrow, c0, nb, tab_ptr, BLOCK_N)
+                w1 = _dequant(QT, wrow, c1, nb, tab_ptr, BLOCK_N)
                 k0 = c0 * 256 + kk
                 k1 = (c0 + 1) * 256 + kk
                 x0 = tl.load(x_ptr + k0, mask=k0 < K, other=0.0).to(tl.float32)
                 x1 = tl.load(x_ptr + k1, mask=k1 < K, other=0.0).to(tl.float32)
                 acc += w0 * x0[None, :] + w1 * x1[None, :]
             else:
-                w = _dequant(QT, wrow, c0, nb, BLOCK_N)
+                w = _dequant(QT, wrow, c0, nb, tab_ptr, BLOCK_N)
                 k = c0 * 256 + kk
                 xv = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
                 acc += w * xv[None, :]
@@ -467,7 +733,7 @@ def _qmm_kernel(
         xrow = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for c in range(n_chunks):
-            w = _dequant(QT, wrow, c, nb, BLOCK_N)
+            w = _dequant(QT, wrow, c, nb, tab_ptr, BLOCK_N)
             k = c * 256 + kk
             xt = tl.load(xrow + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
             if DOT_BF16:
