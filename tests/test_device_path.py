@@ -4,8 +4,9 @@
   then fails on the first tensor some code makes on the CPU instead (a missing `device=`), which is
   what would break on a CUDA device. Shapes only, no values.
 - The "triton" backend under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported):
-  the model's products go through the same kernels a GPU runs, the other ops through torch (no C
-  kernels); its logits are compared with the reference backend (float32 decode + torch matmul).
+  the model's products and the qwen35 DeltaNet recurrence go through the same kernels a GPU runs, the
+  other ops through torch (no C kernels); its logits are compared with the reference backend (float32
+  decode + torch matmul + torch delta rule).
 With a CUDA device the second test runs the model on it instead.
 """
 
@@ -23,6 +24,7 @@ import pytest  # noqa: E402
 
 import vramfit  # noqa: E402
 from vramfit.kernels import dispatch  # noqa: E402
+from vramfit.kernels.triton import deltanet  # noqa: E402
 from vramfit.model.loader import ModelError, load_model, resolve_device  # noqa: E402
 from vramfit.model.random_model import random_model_spec, write_random_model  # noqa: E402
 from vramfit.runtime.engine import Engine  # noqa: E402
@@ -69,7 +71,16 @@ def test_triton_products_match_the_reference(tiny, arch):
         nonlocal n_triton
         n_triton += dispatch._triton(w, x)
 
+    n_deltanet = 0
+    forward_tokens = deltanet.forward_tokens
+
+    def deltanet_calls(*args):
+        nonlocal n_deltanet
+        n_deltanet += 1
+        return forward_tokens(*args)
+
     dispatch.input_observers.append(count)
+    deltanet.forward_tokens = deltanet_calls
     try:
         with dispatch.use_backend("triton"):
             got = Engine(model, prefill_chunk=4).logits_all(ids)  # two chunks of 4 rows
@@ -77,7 +88,9 @@ def test_triton_products_match_the_reference(tiny, arch):
             events = list(Engine(model).generate(ids, 2, SamplingParams(temperature=0)))
     finally:
         dispatch.input_observers.remove(count)
+        deltanet.forward_tokens = forward_tokens
     assert n_triton > 0  # the products really went through the Triton kernels
+    assert (n_deltanet > 0) == (arch == "qwen35")  # and the recurrence through its kernel
     scale = ref.abs().max().item()
     # fp16 tiles for several rows, float32 for one: within half-precision rounding of the logit scale
     print(f"{arch}: max |triton - reference| {(got - ref).abs().max().item():.2e}, logit scale {scale:.2f}")

@@ -105,12 +105,19 @@ def _triton_runs() -> bool:
     return triton_kernels.available() or (triton_kernels.importable() and triton_kernels.interpreted())
 
 
-def _triton(w: QWeight, x: torch.Tensor) -> bool:
-    """Whether the Triton kernels multiply w: on a CUDA device by default, on the CPU only when asked
-    for (the "triton" backend under the interpreter); a weight already decoded keeps its float copy."""
-    if w._dense is not None or _backend in ("reference", "cpu"):
+def triton_ops(x: torch.Tensor) -> bool:
+    """Whether the GPU path's Triton kernels (products, the DeltaNet recurrence) take work on x: on a
+    CUDA device by default, on the CPU only when asked for (the "triton" backend, under the
+    interpreter)."""
+    if _backend in ("reference", "cpu"):
         return False
-    if x.device.type != "cuda" and _backend != "triton":
+    return x.device.type == "cuda" or _backend == "triton"
+
+
+def _triton(w: QWeight, x: torch.Tensor) -> bool:
+    """Whether the Triton kernels multiply w (`triton_ops`, a type they read, and no float copy of w
+    decoded yet: a weight once decoded keeps using it)."""
+    if w._dense is not None or not triton_ops(x):
         return False
     if w._triton_ok is None:
         from vramfit.kernels import triton as triton_kernels

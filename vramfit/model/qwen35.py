@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vramfit.kernels import dispatch
 from vramfit.kernels.dispatch import FusedLinear, QWeight, linear, swiglu
 from vramfit.model.layers import KVCache, Rope, attention, neox_to_pairs, rms_norm
 from vramfit.model.llama import LlamaConfig, embeddings_and_head
@@ -335,6 +336,11 @@ class GatedDeltaNet:
         nk, nv, d_k, d_v = dn.n_k_heads, dn.n_v_heads, dn.d_k, dn.d_v
         qkv = causal_conv(qkv, conv, self.conv)
         q, k, v = qkv.split([nk * d_k, nk * d_k, nv * d_v], dim=-1)
+        if dispatch.triton_ops(qkv):  # the GPU path: norms, tiling and the recurrence in one kernel
+            from vramfit.kernels.triton import deltanet
+
+            qk = (q.reshape(n, nk, d_k), k.reshape(n, nk, d_k))
+            return deltanet.forward_tokens(*qk, v.reshape(n, nv, d_v), g, beta, ssm)
         # tiled value heads: head h uses key head h % nk, i.e. q/k repeated as whole blocks
         q = l2_norm(q.reshape(n, nk, d_k)).repeat(1, nv // nk, 1) * d_k**-0.5
         k = l2_norm(k.reshape(n, nk, d_k)).repeat(1, nv // nk, 1)
