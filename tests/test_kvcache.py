@@ -70,6 +70,29 @@ def test_k_and_v_types_are_independent(kv):
     assert 0 < only_v < both and 0 < only_k < both
 
 
+@pytest.mark.parametrize("kv", ["f16", "bf16", "q8_0", "q6_0"])
+def test_reads_are_the_codec_decode_of_the_stored_rows(kv):
+    """Every read decodes exactly what is stored (f16/bf16/q8_0 through the store's reused buffer,
+    the other types through the codec), for each layer and length, and the buffer is not reallocated."""
+    from vramfit.quant import get_codec
+
+    g = torch.Generator().manual_seed(3)
+    cache = KVCache(2, 3, 64, 40, kv)
+    for layer in range(2):
+        cache.store(layer, 0, torch.randn(40, 3, 64, generator=g), torch.randn(40, 3, 64, generator=g))
+    buffers = set()
+    for layer, end in ((0, 40), (1, 17), (0, 5)):
+        got = cache.keys(layer, end)
+        raw = cache.k[layer, :, :end]
+        if raw.dtype == torch.uint8:
+            want = get_codec(kv).decode(raw.reshape(3 * end, -1), 64).view(3, end, 64)
+        else:
+            want = raw.float()
+        assert got.shape == (3, end, 64) and torch.equal(got, want)
+        buffers.add(got.data_ptr())
+    assert len(buffers) == (3 if kv == "q6_0" else 1)  # q6_0: a new tensor from the codec per read
+
+
 def test_hadamard_is_orthogonal_and_symmetric():
     h = hadamard(64)
     assert torch.allclose(h @ h, torch.eye(64), atol=1e-6) and torch.equal(h, h.T)

@@ -97,6 +97,7 @@ class KVStore:
         self.type = type_name
         self.head_dim = head_dim
         self.rotation = hadamard(head_dim).to(device) if rotate else None
+        self._decoded: torch.Tensor | None = None  # read()'s float32 buffer, made on the first read
         if type_name in _FLOAT:
             self.codec = None
             shape = (n_layer, n_kv_heads, n_ctx, head_dim)
@@ -128,9 +129,27 @@ class KVStore:
             self.data[layer, :, start : start + n] = rows.view(h, n, -1).to(self.data.device)
 
     def read(self, layer: int, end: int) -> torch.Tensor:
-        """Positions 0..end-1 as float32 (n_kv_heads, end, head_dim), still rotated."""
+        """Positions 0..end-1 as float32 (n_kv_heads, end, head_dim), still rotated. f16/bf16 and q8_0
+        are decoded into one buffer the store keeps (valid until its next read): no allocation per
+        layer, so no heap holes that grow with the context."""
         x = self.data[layer, :, :end]
-        if self.codec is None:
-            return x if x.dtype == torch.float32 else x.float()
+        if x.dtype == torch.float32:
+            return x
         h = x.shape[0]
+        if self.codec is None:
+            return self._scratch(end).copy_(x)
+        if self.type == "q8_0":
+            out = self._scratch(end)
+            blocks = x.view(h, end, -1, 34)  # d fp16 | 32 int8 quants, as the codec's decode
+            o = out.view(h, end, -1, 32).copy_(blocks[..., 2:].view(torch.int8))
+            o.mul_(blocks[..., :2].contiguous().view(torch.float16).float())
+            return out
         return self.codec.decode(x.reshape(h * end, -1), self.head_dim).view(h, end, self.head_dim)
+
+    def _scratch(self, end: int) -> torch.Tensor:
+        if self._decoded is None:
+            n_kv, n_ctx = self.data.shape[1:3]
+            self._decoded = torch.empty(
+                (n_kv, n_ctx, self.head_dim), dtype=torch.float32, device=self.data.device
+            )
+        return self._decoded[:, :end]
