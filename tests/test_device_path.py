@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen35"])
-@pytest.mark.parametrize("kv", [None, "f16"])  # (a quantized cache encodes on the host: values needed)
+@pytest.mark.parametrize("kv", [None, "f16", "q8_0"])  # (the other encoders loop on data: values needed)
 def test_everything_lives_on_the_model_device(tiny, arch, kv):
     model, _ = load_model(tiny[arch], 64, kv_type=kv, device="meta")
     assert model.device.type == "meta" and model.rope.freqs.device.type == "meta"

@@ -121,12 +121,14 @@ class KVStore:
         x = x.transpose(0, 1)  # (heads, n, d)
         if self.codec is None:
             self.data[layer, :, start : start + n] = x
-        else:
+        elif x.device.type == "cpu":
             from vramfit.quant import encode  # C encoders where built (same bytes as the codec's)
 
-            # (on a GPU the rows go through the host: fused device encoders are still to come)
-            rows = torch.from_numpy(encode(self.type, x.reshape(h * n, d).float().cpu().contiguous()))
-            self.data[layer, :, start : start + n] = rows.view(h, n, -1).to(self.data.device)
+            rows = torch.from_numpy(encode(self.type, x.reshape(h * n, d).contiguous().float()))
+            self.data[layer, :, start : start + n] = rows.view(h, n, -1)
+        else:  # on a GPU: the codec's torch encoder runs there (the same bytes), no trip to the host
+            rows = self.codec.encode(x.reshape(h * n, d).float())
+            self.data[layer, :, start : start + n] = rows.view(h, n, -1)
 
     def read(self, layer: int, end: int) -> torch.Tensor:
         """Positions 0..end-1 as float32 (n_kv_heads, end, head_dim), still rotated. f16/bf16 and q8_0
