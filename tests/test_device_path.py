@@ -57,6 +57,18 @@ def test_everything_lives_on_the_model_device(tiny, arch, kv):
         assert logits.device.type == "meta" and logits.shape == (n, model.cfg.n_vocab)
 
 
+def test_untied_embedding_stays_in_host_memory(model_path):
+    """As the planner's CUDA device counts it: an untied token embedding (Qwen2.5: a separate output
+    matrix) stays mapped on the host, a lookup runs there and its rows go to the model's device; a
+    tied one (SmolLM2) is the output matrix, read every token, so it moves with the model."""
+    qwen, _ = load_model(model_path("qwen2.5-coder-0.5b"), 64, device="meta")
+    assert qwen.embed.packed.device.type == "cpu" and qwen.output.packed.device.type == "meta"
+    rows = qwen.embed.rows(torch.tensor([1, 151643]))
+    assert rows.shape == (2, qwen.cfg.n_embd) and rows.device.type == "cpu"
+    smol, _ = load_model(model_path("smollm2-135m"), 64, device="meta")
+    assert smol.embed is smol.output and smol.embed.packed.device.type == "meta"
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen35"])
 def test_triton_products_match_the_reference(tiny, arch):
     ids = [3, 17, 99, 250, 7, 7, 400, 12]

@@ -156,7 +156,10 @@ class QWeight:
         return self._dense
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
-        """Decode selected rows only (embedding lookup) or all rows."""
+        """Decode selected rows only (embedding lookup) or all rows. Rows of a weight kept in host
+        memory for a model on a GPU are looked up there and sent to the index's device."""
+        if index is not None and index.device != self.packed.device:
+            return self.rows(index.to(self.packed.device)).to(index.device)
         if self._dense is not None:
             return self._dense if index is None else self._dense[index]
         packed = self.packed if index is None else self.packed[index]

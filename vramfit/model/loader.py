@@ -56,9 +56,13 @@ class WeightSource:
     def __init__(self, gguf: GGUFFile, device: torch.device | str | None = None):
         self.gguf = gguf
         self.device = torch.device(device or "cpu")
+        # on a GPU an untied token embedding stays mapped in host memory (a lookup reads one row per
+        # token; the memory planner's CUDA device counts it there)
+        untied = "output.weight" in gguf.tensors
+        self.on_host = {"token_embd.weight"} if self.device.type != "cpu" and untied else set()
 
     def _placed(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" or name in self.on_host:
             return t
         t = t.to(self.device)
         self.gguf.release(name)  # the device holds the bytes now
