@@ -69,12 +69,12 @@ def run_tg(m, n_gen: int, reps: int) -> list[float]:
     return out
 
 
-def check(path: Path, m, n_tokens: int) -> str:
-    """Device logits against the CPU engine's for the same prompt."""
+def check(path: Path, m, n_tokens: int, backend: str) -> str:
+    """Device logits against the CPU engine's (`backend`: reference = float32 weights and products)."""
     ids = [(i * 104729) % m.tokenizer.vocab_size for i in range(n_tokens)]
     got = m.engine.logits_all(ids)
     cpu = vramfit.load(path, n_ctx=max(64, n_tokens), device="cpu")
-    with dispatch.use_backend("auto"):
+    with dispatch.use_backend(backend):
         ref = cpu.engine.logits_all(ids)
     diff = (got - ref).abs().max().item()
     scale = ref.abs().max().item()
@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--check", type=int, default=0, metavar="N", help="compare N tokens' logits with the CPU")
+    ap.add_argument("--check-backend", default="reference", help="the CPU side: reference (float32) or auto")
     a = ap.parse_args()
     if a.device == "cpu":
         dispatch.set_backend("triton")  # the GPU path's kernels on the CPU (needs TRITON_INTERPRET=1)
@@ -132,7 +133,7 @@ def main() -> None:
         gbs = statistics.mean(tg) * per_token / 1e9
         print(_row(name, m.device, f"tg{a.n_gen}", tg, f"{gbs:.1f}", f"{gbs / bw:.0%}" if bw else ""))
         if a.check:
-            print(check(path, m, a.check))
+            print(check(path, m, a.check, a.check_backend))
 
 
 if __name__ == "__main__":
