@@ -80,3 +80,20 @@ def test_release_drops_pages_of_adjacent_tensors_together(tmp_path):
         assert res[page("b", -1) :].all()  # c's pages, the one it shares with b included, stay
         for n, raw in data.items():
             assert f.tensor_bytes(n).tobytes() == raw.tobytes(), n
+
+
+def test_rewriting_a_mapped_file_keeps_its_readers_valid(tmp_path):
+    """A GGUF written over a file that is still open (its string arrays are views of the mapping)
+    replaces it by rename: the old reader keeps reading the old bytes, the new file reads the new."""
+    p = tmp_path / "m.gguf"
+    w = GGUFWriter(p)
+    w.add("toks", ["alpha", "beta", "gamma"], VT.ARRAY, VT.STRING)
+    w.write()
+    old = GGUFFile(p)
+    toks = old.metadata["toks"]
+    w = GGUFWriter(p)
+    w.add("toks", ["x"], VT.ARRAY, VT.STRING)
+    w.write()
+    assert list(toks) == ["alpha", "beta", "gamma"]
+    assert GGUFFile(p).metadata["toks"] == ["x"]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["m.gguf"]  # no partial file left

@@ -37,6 +37,7 @@ class Model:
         self.config = self.model.cfg
         self.tokenizer = Tokenizer(self.gguf.metadata)
         self.chat_template = template_from_metadata(self.gguf.metadata)
+        self.gguf.release_header()  # the vocabulary's pages, read while the tokenizer was built
         self.engine = Engine(self.model)
         self.last_stats = Stats()
 

@@ -59,14 +59,15 @@ class TensorInfo:
 class StringArray(Sequence):
     """A GGUF string array kept as the bytes it is stored as; an item is decoded when read.
 
-    A 150K-token vocabulary as Python strings costs ~10 MiB; as one bytes object plus an offset
-    table it costs ~2 MiB, whichever file or mapping it came from (closing the file keeps it valid).
-    Compares equal to any sequence of the same strings.
+    A 150K-token vocabulary as Python strings costs ~10 MiB; here it is a view of the file's mapping
+    plus an offset table (4 bytes a string), and its pages are only resident while read (closing the
+    file keeps it valid: the mapping stays while arrays use it). Compares equal to any sequence of
+    the same strings.
     """
 
     __slots__ = ("_raw", "_starts")
 
-    def __init__(self, raw: bytes, starts: np.ndarray):
+    def __init__(self, raw: bytes | memoryview, starts: np.ndarray):
         # raw: each string as u64 length + UTF-8 bytes; starts[i]: where string i's bytes begin,
         # starts[n]: len(raw) + 8 (so that string i ends at starts[i + 1] - 8)
         self._raw, self._starts = raw, starts
@@ -74,7 +75,7 @@ class StringArray(Sequence):
     @property
     def raw(self) -> bytes:
         """The array's items exactly as stored in GGUF (length-prefixed UTF-8)."""
-        return self._raw
+        return bytes(self._raw)
 
     def __len__(self) -> int:
         return len(self._starts) - 1
@@ -88,12 +89,12 @@ class StringArray(Sequence):
         if not 0 <= i < n:
             raise IndexError("StringArray index out of range")
         s, e = int(self._starts[i]), int(self._starts[i + 1]) - 8
-        return self._raw[s:e].decode("utf-8", errors="replace")
+        return str(self._raw[s:e], "utf-8", "replace")
 
     def __iter__(self) -> Iterator[str]:
         raw, starts = self._raw, self._starts.tolist()
         for s, e in zip(starts, starts[1:], strict=False):
-            yield raw[s : e - 8].decode("utf-8", errors="replace")
+            yield str(raw[s : e - 8], "utf-8", "replace")
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, StringArray):
@@ -142,7 +143,7 @@ class _Cursor:
             raise GGUFError(f"{self.path}: truncated GGUF header (string array at {begin})")
         starts[n] = pos - begin + 8
         self.pos = pos
-        return StringArray(bytes(buf[begin:pos]), starts)
+        return StringArray(buf[begin:pos], starts)  # a view of the mapping, not a copy
 
     def array(self, vtype: VT, n: int) -> Any:
         if vtype == VT.STRING:
@@ -227,7 +228,11 @@ class GGUFFile:
                     f"but the file has {len(self._buf)}"
                 )
             self.tensors[name] = TensorInfo(name, shape, gtype, offset, nbytes)
-        # the header is parsed (string arrays copied out): its pages need not stay resident
+        self.release_header()
+
+    def release_header(self) -> None:
+        """Drop the header's pages from memory: after parsing, and after a reader of the string
+        arrays (the tokenizer) is built; what is read later faults back in from the page cache."""
         header = self.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
         if header:
             self._mmap.madvise(mmap.MADV_DONTNEED, 0, header)

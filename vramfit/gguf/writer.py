@@ -6,6 +6,7 @@ Metadata is given as (key, value) with an optional explicit value type so that a
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,11 +88,19 @@ class GGUFWriter:
     def write(self) -> None:
         if self.alignment != DEFAULT_ALIGNMENT:
             self.add("general.alignment", self.alignment, VT.UINT32)
-        with open(self.path, "wb") as f:
-            self._write_header(f)
-            for _, _, _, raw in self.tensors:
-                f.write(raw.tobytes())
-                f.write(b"\0" * (-raw.size % self.alignment))
+        # written beside and renamed over the target: a failure leaves any old file whole, and a
+        # reader that still maps the old file (its metadata arrays, its tensors) keeps valid pages
+        tmp = self.path.with_name(f".{self.path.name}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                self._write_header(f)
+                for _, _, _, raw in self.tensors:
+                    f.write(raw.tobytes())
+                    f.write(b"\0" * (-raw.size % self.alignment))
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _write_header(self, f: BinaryIO) -> None:
         f.write(GGUF_MAGIC + struct.pack("<IQQ", 3, len(self.tensors), len(self.kv)))
