@@ -138,3 +138,21 @@ def _sub32(dl, v, BN: tl.constexpr):
     """dl [BN, 8] group scales times v [BN, 256] values (group i = weights 32i..32i+31)."""
     y = tl.reshape(dl, (BN, 8, 1)) * tl.reshape(v, (BN, 8, 32))
     return tl.reshape(y, (BN, 256))
+
+
+@triton.jit
+def _nibble_planes(qs):
+    """4-bit quants of a 256-weight block in IQ5_K/IQ6_K plane order, [BN, 256] int32: weight 32 * g + j
+    is nibble g % 2 of byte qs[32 * (g // 2) + j] (qs: [BN, 1] byte pointers to the 128 bytes)."""
+    p = tl.arange(0, 256)
+    g, j = p // 32, p % 32
+    return (tl.load(qs + (32 * (g // 2) + j)[None, :]).to(tl.int32) >> (4 * (g % 2))[None, :]) & 15
+
+
+@triton.jit
+def _shifted_sub16(dl, v, extra, step, BN: tl.constexpr):
+    """IQK super-blocks: grid values v [BN, 256] plus `step` where bit k of extra [BN, 1] flags the
+    shifted grid of sub-block k, times the sub-block scales dl [BN, 16]."""
+    k = tl.arange(0, 16)
+    shift = tl.reshape(((extra >> k[None, :]) & 1).to(tl.float32) * step, (BN, 16, 1))
+    return _sub16(dl, tl.reshape(tl.reshape(v, (BN, 16, 16)) + shift, (BN, 256)), BN)

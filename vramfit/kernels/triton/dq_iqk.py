@@ -18,8 +18,9 @@ from vramfit.kernels.triton.common import (
     _iq4_words,
     _iq5_grid,
     _k4_words,
+    _nibble_planes,
+    _shifted_sub16,
     _shifts3,
-    _sub16,
     _sub32,
     _two_bit_planes,
 )  # fmt: skip
@@ -56,16 +57,23 @@ def _dq_iq4_xs(wrow, c, BN: tl.constexpr):
 
 
 @triton.jit
+def _six_bit_scales(blk):
+    """IQ4_K/IQ5_K sub-block scales [BN, 16]: (nibble k % 2 of scales_l[k // 2] | 2 bits k % 4 of
+    scales_h[k // 4] << 4) - 32, with scales_h at byte 4 and scales_l at byte 8 of the block."""
+    k = tl.arange(0, 16)
+    hb = tl.load(blk + 4 + (k // 4)[None, :]).to(tl.int32)
+    lb = tl.load(blk + 8 + (k // 2)[None, :]).to(tl.int32)
+    return (((lb >> (4 * (k % 2))[None, :]) & 15) | (((hb >> (2 * (k % 4))[None, :]) & 3) << 4)) - 32
+
+
+@triton.jit
 def _dq_iq4_k(wrow, c, BN: tl.constexpr):
     # block 144: d f16 | extra u16 | scales_h[4] | scales_l[8] | qs[128]; 16 sub-blocks of 16
     blk = (wrow + c * 144)[:, None]
     d = tl.load(_as_f16(blk)).to(tl.float32)  # [BN, 1]
     extra = tl.load(_as_u16(blk + 2)).to(tl.int32)  # [BN, 1]
     k = tl.arange(0, 16)
-    hb = tl.load(blk + 4 + (k // 4)[None, :]).to(tl.int32)  # [BN, 16]
-    lb = tl.load(blk + 8 + (k // 2)[None, :]).to(tl.int32)
-    L = (((lb >> (4 * (k % 2))[None, :]) & 15) | (((hb >> (2 * (k % 4))[None, :]) & 3) << 4)) - 32
-    dl = d * L.to(tl.float32)  # [BN, 16]
+    dl = d * _six_bit_scales(blk).to(tl.float32)  # [BN, 16]
     shift = ((extra >> k[None, :]) & 1).to(tl.float32)
     q = _iq4_words(blk + 16, BN)  # sub-block 2*g + hi, position 4*w + b
     v = _iq4_grid(q) + tl.reshape(shift * 4.0, (BN, 8, 2, 1, 1))
@@ -127,9 +135,7 @@ def _dq_iq3_k(wrow, c, BN: tl.constexpr):
     p = tl.arange(0, 256)
     hi = (tl.load(blk + 78 + (p % 32)[None, :]).to(tl.int32) >> (p // 32)[None, :]) & 1  # bit b of qh[j]
     v = _iq3_grid(_two_bit_planes(blk + 14, BN) | (hi << 2))
-    shift = tl.reshape(((extra >> k[None, :]) & 1).to(tl.float32) * 4.0, (BN, 16, 1))
-    v = tl.reshape(tl.reshape(v, (BN, 16, 16)) + shift, (BN, 256))
-    return _sub16(dl, v, BN)
+    return _shifted_sub16(dl, v, extra, 4.0, BN)
 
 
 @triton.jit
@@ -142,9 +148,7 @@ def _dq_iq2_k(wrow, c, BN: tl.constexpr):
     lb = tl.load(blk + 4 + (k // 2)[None, :]).to(tl.int32)
     dl = d * (((lb >> (4 * (k % 2))[None, :]) & 15) - 8).to(tl.float32)
     v = _iq2_grid(_two_bit_planes(blk + 12, BN))
-    shift = tl.reshape(((extra >> k[None, :]) & 1).to(tl.float32) * 5.0, (BN, 16, 1))
-    v = tl.reshape(tl.reshape(v, (BN, 16, 16)) + shift, (BN, 256))
-    return _sub16(dl, v, BN)
+    return _shifted_sub16(dl, v, extra, 5.0, BN)
 
 
 @triton.jit
@@ -153,19 +157,14 @@ def _dq_iq5_k(wrow, c, BN: tl.constexpr):
     blk = (wrow + c * 176)[:, None]
     d = tl.load(_as_f16(blk)).to(tl.float32)
     extra = tl.load(_as_u16(blk + 2)).to(tl.int32)
-    k = tl.arange(0, 16)
-    hb = tl.load(blk + 4 + (k // 4)[None, :]).to(tl.int32)
-    lb = tl.load(blk + 8 + (k // 2)[None, :]).to(tl.int32)
-    L = (((lb >> (4 * (k % 2))[None, :]) & 15) | (((hb >> (2 * (k % 4))[None, :]) & 3) << 4)) - 32
+    L = _six_bit_scales(blk)
     dl = d * L.to(tl.float32)
     p = tl.arange(0, 256)
     g, j = p // 32, p % 32  # weight 32g + j: nibble g % 2 of qs[32 (g // 2) + j], bit g of qh[j]
-    nib = (tl.load(blk + 16 + (32 * (g // 2) + j)[None, :]).to(tl.int32) >> (4 * (g % 2))[None, :]) & 15
+    nib = _nibble_planes(blk + 16)
     hi = (tl.load(blk + 144 + j[None, :]).to(tl.int32) >> g[None, :]) & 1
     v = _iq5_grid(nib | (hi << 4))
-    shift = tl.reshape(((extra >> k[None, :]) & 1).to(tl.float32) * 2.0, (BN, 16, 1))
-    v = tl.reshape(tl.reshape(v, (BN, 16, 16)) + shift, (BN, 256))
-    return _sub16(dl, v, BN)
+    return _shifted_sub16(dl, v, extra, 2.0, BN)
 
 
 @triton.jit
@@ -179,12 +178,10 @@ def _dq_iq6_k(wrow, c, tab, BN: tl.constexpr):
     dl = d * L  # [BN, 16]
     p = tl.arange(0, 256)
     g, j = p // 32, p % 32  # nibble g % 2 of qs[32 (g // 2) + j], bits 2 (g % 4) of qh[32 (g // 4) + j]
-    nib = (tl.load(blk + 20 + (32 * (g // 2) + j)[None, :]).to(tl.int32) >> (4 * (g % 2))[None, :]) & 15
+    nib = _nibble_planes(blk + 20)
     hi = (tl.load(blk + 148 + (32 * (g // 4) + j)[None, :]).to(tl.int32) >> (2 * (g % 4))[None, :]) & 3
     v = tl.load(tab + TAB_IQ6 + (nib | (hi << 4)))
-    shift = tl.reshape(((extra >> k[None, :]) & 1).to(tl.float32), (BN, 16, 1))
-    v = tl.reshape(tl.reshape(v, (BN, 16, 16)) + shift, (BN, 256))
-    return _sub16(dl, v, BN)
+    return _shifted_sub16(dl, v, extra, 1.0, BN)
 
 
 @triton.jit
