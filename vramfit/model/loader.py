@@ -109,7 +109,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     """ "auto"/None: a CUDA device when torch sees one and Triton is installed, else the CPU; "cpu",
     "cuda", "cuda:N" as given (a ModelError when that device is not there)."""
     if name is None or str(name).lower() == "auto":
-        if not torch.cuda.is_available():  # (no triton import on a CPU-only machine: it is slow)
+        if not torch.cuda.is_available():
             return torch.device("cpu")
         from vramfit.kernels import triton as triton_kernels
 
@@ -118,12 +118,13 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         dev = torch.device(str(name).lower())
     except RuntimeError:
         raise ModelError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {name}: torch sees no CUDA device here (use --device cpu)")
-    from vramfit.kernels import triton as triton_kernels
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {name}: torch sees no CUDA device here (use --device cpu)")
+        from vramfit.kernels import triton as triton_kernels  # (imported only for a GPU: it is slow)
 
-    if dev.type == "cuda" and not triton_kernels.importable():
-        raise ModelError(f"device {name}: triton is not installed (pip install 'vramfit[gpu]')")
+        if not triton_kernels.importable():
+            raise ModelError(f"device {name}: triton is not installed (pip install 'vramfit[gpu]')")
     if dev.type not in ("cpu", "cuda", "meta"):
         raise ModelError(f"device {name}: only cpu and cuda are supported")
     return dev
