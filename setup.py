@@ -1,8 +1,9 @@
-"""Build script for the optional C extension `vramfit.kernels.cpu._qgemm` (fast CPU matmuls).
+"""Build script for the optional C extensions: `vramfit.kernels.cpu._qgemm` (fast CPU matmuls),
+`vramfit.quant._cenc` (quantization encoders) and `vramfit.runtime._bpe` (compact BPE tables).
 
-Everything else about the package lives in pyproject.toml. The extension is built only on x86-64
-Linux/Unix with a C compiler; any failure to compile leaves the package installable, and
-`vramfit.kernels.cpu.available()` then reports False so the reference path is used.
+Everything else about the package lives in pyproject.toml. The kernel and encoder extensions are built
+only on x86-64 Linux/Unix, the BPE tables on any platform; any failure to compile leaves the package
+installable, and each module's `available()` then reports False so its pure-Python or HF path is used.
 """
 
 import platform
@@ -37,10 +38,13 @@ class OptionalBuildExt(build_ext):
 
 
 def _extensions():
+    # byte-level BPE tables (vramfit.runtime.bpe): portable C, any platform
+    bpe = Extension("vramfit.runtime._bpe", ["vramfit/runtime/bpe.c"], extra_compile_args=["-O2", "-g0"])
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64") or sys.platform == "win32":
-        return []
+        return [bpe]
     return [
+        bpe,
         Extension(
             "vramfit.kernels.cpu._qgemm",
             sources=[

@@ -77,6 +77,10 @@ class StringArray(Sequence):
         """The array's items exactly as stored in GGUF (length-prefixed UTF-8)."""
         return bytes(self._raw)
 
+    def buffers(self) -> tuple[memoryview | bytes, np.ndarray]:
+        """(raw, starts): item i is raw[starts[i] : starts[i + 1] - 8] (the 8-byte length prefixes)."""
+        return self._raw, self._starts
+
     def __len__(self) -> int:
         return len(self._starts) - 1
 

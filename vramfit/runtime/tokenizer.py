@@ -5,7 +5,8 @@ Two vocabulary kinds are supported:
 - `gpt2`: byte-level BPE. The text is split by the pre-tokenizer regexes llama.cpp uses for
   `tokenizer.ggml.pre` (applied one after the other, each match and each gap between matches becoming
   its own piece), every piece's UTF-8 bytes are mapped to GPT-2's printable alphabet, then merged by
-  rank. Built on HF `tokenizers` (a `BPE` model with `Split` pre-tokenizers), constructed in memory.
+  rank (vramfit.runtime.bpe: the `regex` module and compact C tables, or HF `tokenizers` when the
+  extension is not built).
 - `llama`: SentencePiece BPE. Spaces become "▁", a space is prepended to every text fragment that
   starts the input or follows a special token (when `add_space_prefix`), adjacent symbols are merged
   best-score first, and characters missing from the vocabulary fall back to `<0xNN>` byte tokens. HF's
@@ -30,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from vramfit.gguf.reader import GGUFFile, StringArray
+from vramfit.runtime.bpe import CompactBPE, HFBackend, build_gpt2
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +162,6 @@ def _vocab_dict(tokens: Sequence[str]) -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def _build_gpt2(tokens: Sequence[str], merges: Sequence[str], pre: str) -> HFTokenizer:
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    bpe = models.BPE(_vocab_dict(tokens), pairs, ignore_merges=pre in _IGNORE_MERGES)
-    hf = HFTokenizer(bpe)
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_REGEXES[pre]]
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    hf.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
-    return hf
-
-
 def spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
     """BPE merges reproducing SentencePiece's best-score-first merging.
 
@@ -191,7 +183,7 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[i
 
 def _build_spm(
     tokens: Sequence[str], scores: Sequence[float], types: Sequence[int], unk_id: int | None
-) -> HFTokenizer:
+) -> HFBackend:
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
     bpe = models.BPE(
         _vocab_dict(tokens),
@@ -200,7 +192,7 @@ def _build_spm(
         fuse_unk=True,
         byte_fallback=True,
     )
-    return HFTokenizer(bpe)  # no pre-tokenizer: SentencePiece merges across the whole fragment
+    return HFBackend(HFTokenizer(bpe))  # no pre-tokenizer: SentencePiece merges across the whole fragment
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,7 +229,7 @@ class Tokenizer:
         self.pre = "" if self.model == "llama" else resolve_pre(metadata.get("tokenizer.ggml.pre"))
         self._read_special_ids(metadata)
         self._read_flags(metadata)
-        self._hf = self._build_backend(metadata)
+        self._backend = self._build_backend(metadata)
         self._special = self._special_tokens()
         self._eot_ids = self._end_of_turn_ids()
         self._bytes_cache: dict[int, bytes] = {}
@@ -259,14 +251,15 @@ class Tokenizer:
         self.add_eos: bool = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
         self.add_space_prefix: bool = is_spm and bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
 
-    def _build_backend(self, metadata: Mapping[str, Any]) -> HFTokenizer:
+    def _build_backend(self, metadata: Mapping[str, Any]) -> HFBackend | CompactBPE:
         if self.model == "llama":
             scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(self.tokens)
             return _build_spm(self.tokens, scores, self.token_types, self.unk_id)
         merges = metadata.get("tokenizer.ggml.merges")
         if merges is None:
             raise TokenizerError("gpt2 tokenizer without tokenizer.ggml.merges")
-        return _build_gpt2(self.tokens, merges, self.pre)
+        regexes = PRE_TOKENIZER_REGEXES[self.pre]
+        return build_gpt2(self.tokens, merges, regexes, ignore_merges=self.pre in _IGNORE_MERGES)
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
@@ -354,10 +347,10 @@ class Tokenizer:
                 frag = (" " + frag if self.add_space_prefix and prev_special else frag).replace(" ", "▁")
             texts.append(frag)
             prev_special = False
-        encoded = iter(self._hf.encode_batch_fast(texts, add_special_tokens=False)) if texts else iter(())
+        encoded = iter(self._backend.encode_texts(texts))
         ids: list[int] = []
         for frag in fragments:
-            ids.extend([frag] if isinstance(frag, int) else next(encoded).ids)
+            ids.extend([frag] if isinstance(frag, int) else next(encoded))
         return ids
 
     # -- decode ---------------------------------------------------------------------------------------
