@@ -4,7 +4,7 @@ Both split a text with the pre-tokenizer regexes (each regex's matches and the g
 pieces, one regex after the other) and merge each piece by rank; they give the same ids
 (tests/test_bpe.py). The compact backend splits with the `regex` module and merges with `_bpe.BPE`
 (bpe.c), which keeps the vocabulary as raw bytes plus 32-bit hash tables: about 2 MiB for a 49K
-vocabulary where HF's `BPE` model holds 11 MiB, 8 MiB for a 151K one where it holds 30; it encodes
+vocabulary where HF's `BPE` model holds 11 MiB, 8 MiB for a 151K one where it holds 32; it encodes
 faster too (HF's pre-tokenizer builds a tuple per piece). HF `tokenizers` (`Split` pre-tokenizers and
 its `BPE` model) is the fallback when the extension was not built.
 """
