@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from tests.conftest import REFERENCE, REFERENCE_MODELS
@@ -107,6 +109,15 @@ def test_ignore_merges_takes_whole_vocabulary_words():
         assert [tokens[i] for i in backend.encode_texts(["abc abd"])[0]] == ["abc", "Ġ", "ab", "d"]
 
 
+def test_repeated_merge_keeps_its_first_rank():
+    # as llama.cpp's bpe_ranks (llama-cpp-python 0.3.36 on such a file: "abc" -> "ab", "c"); HF's own map
+    # would keep the last rank ("a", "bc"), so the fallback drops repeats before building it
+    merges = ["a b", "b c", "a b"]
+    tokens = _vocab(merges[:2])
+    for backend in backends(tokens, merges, "gpt2"):
+        assert [tokens[i] for i in backend.encode_texts(["abc"])[0]] == ["ab", "c"]
+
+
 def test_duplicate_token_takes_the_later_id():
     merges = ["a b"]
     tokens = _vocab(merges, extra=("ab",))
@@ -158,3 +169,28 @@ def test_surrogates_fail_like_hf(metadata):
     for backend in (compact, hf):
         with pytest.raises(Exception):  # noqa: B017, PT011 - each library raises its own type
             backend.encode_texts(["a\ud800b"])
+
+
+@st.composite
+def vocabularies(draw):
+    """A byte-level alphabet plus tokens built by random merges (each merge's result joins the vocabulary)."""
+    tokens, merges = list(ALPHABET), []
+    letters = [B2U[b] for b in b"abcxyz !\n"] + [B2U[b] for b in "é日".encode()]
+    pool = list(letters)
+    for _ in range(draw(st.integers(0, 40))):
+        a, b = draw(st.sampled_from(pool)), draw(st.sampled_from(pool))
+        merges.append(f"{a} {b}")
+        if a + b not in tokens:
+            tokens.append(a + b)
+        pool.append(a + b)
+    return tokens, merges
+
+
+@given(
+    vocabularies(), st.lists(st.text("abcxyz !\né日😀", max_size=60), min_size=1, max_size=4), st.booleans()
+)
+def test_random_vocabularies_match_hf(vocab, texts, ignore):
+    tokens, merges = vocab
+    pre = "llama-bpe" if ignore else "gpt2"
+    compact, hf = backends(tokens, merges, pre)
+    assert compact.encode_texts(texts) == hf.encode_texts(texts)

@@ -9,7 +9,8 @@ import pytest
 import vramfit
 from vramfit.cli import main
 from vramfit.gguf import GGUFFile
-from vramfit.model.random_model import random_model_spec
+from vramfit.gguf.reader import VT
+from vramfit.model.random_model import random_model_spec, write_random_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen35"])
@@ -26,6 +27,18 @@ def test_tiny_loads_and_generates(tmp_path, arch, capsys):
     assert len(events) == 6
     types = {t.name: t.type.name for t in GGUFFile(path).tensors.values()}
     assert types["blk.0.ffn_up.weight"] == "IQ4_KS" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen35"])
+def test_integer_keys_are_uint32(tmp_path, arch):
+    # llama.cpp refuses these files otherwise ("key general.file_type has wrong type i32 but expected type
+    # u32"); with uint32 keys llama-cpp-python 0.3.36 loads the tiny llama and its logits agree with ours
+    path = tmp_path / "m.gguf"
+    write_random_model(random_model_spec(arch, "tiny", "q4_1"), path)
+    g = GGUFFile(path)
+    ints = [k for k, v in g.metadata.items() if isinstance(v, int) and not isinstance(v, bool)]
+    assert {"general.file_type", f"{arch}.block_count", f"{arch}.context_length"} <= set(ints)
+    assert {k: g.metadata_types[k][0] for k in ints} == dict.fromkeys(ints, VT.UINT32)
 
 
 def test_27b_tensor_table_matches_the_doc():

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vramfit.gguf.reader import VT
 from vramfit.gguf.types import type_by_name
 
 # byte offsets of the fp16 fields inside one block (d, and dmin/m where there is one)
@@ -324,13 +325,21 @@ class _Lazy:
         return random_tensor(self.spec, self.seed).tobytes()
 
 
+def _metadata_type(value: Any) -> tuple[VT | None, None]:
+    """Scalar integers as uint32, the type llama.cpp requires of every integer key here (it refuses a file
+    whose `general.file_type` or `block_count` is int32); anything else as the writer guesses it."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool) and 0 <= value < 2**32:
+        return VT.UINT32, None
+    return None, None
+
+
 def write_random_model(spec: RandomModelSpec, path: str | Path, seed: int = 0) -> int:
     """Write `spec` as a GGUF, one tensor at a time (memory stays at one tensor). Returns bytes."""
     from vramfit.gguf.writer import GGUFWriter
 
     w = GGUFWriter(path)
     for key, value in spec.metadata.items():
-        w.add(key, value)
+        w.add(key, value, *_metadata_type(value))
     for i, t in enumerate(spec.tensors):
         w.tensors.append((t.name, t.shape, type_by_name(t.type), _Lazy(t, seed * 100003 + i)))
     w.write()

@@ -323,10 +323,9 @@ static uint64_t heap_pop(Work *w) {
     return top;
 }
 
-static void push_pair(const BPE *b, Work *w, int32_t i) {
-    int32_t j = w->nxt[i];
-    if (i < 0 || j < 0) return;
-    int32_t r = merge_rank(b, w->sym[i], w->sym[j]);
+static void push_pair(const BPE *b, Work *w, int32_t i) { /* the pair (i, next of i), if it merges */
+    if (i < 0 || w->nxt[i] < 0) return;
+    int32_t r = merge_rank(b, w->sym[i], w->sym[w->nxt[i]]);
     if (r >= 0) heap_push(w, ((uint64_t)r << 32) | (uint32_t)i);
 }
 

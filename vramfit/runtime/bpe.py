@@ -97,7 +97,8 @@ def build_gpt2(
     if compact and available():
         return CompactBPE(tokens, merges, regexes, ignore_merges)
     vocab = {tok: i for i, tok in enumerate(tokens)}  # later duplicates win, as in llama.cpp's token_to_id
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    # a repeated merge keeps its first rank, as in llama.cpp's bpe_ranks (HF's map would keep the last)
+    pairs = [tuple(m.split(" ", 1)) for m in dict.fromkeys(merges)]
     hf = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     hf.pre_tokenizer = pre_tokenizers.Sequence([*_splits(regexes), byte_level])
