@@ -12,13 +12,15 @@ its `BPE` model) is the fallback when the extension was not built.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import regex
-from tokenizers import Regex, models, pre_tokenizers
-from tokenizers import Tokenizer as HFTokenizer
 
 from vramfit.gguf.reader import StringArray
+
+if TYPE_CHECKING:  # HF tokenizers is imported only when a backend uses it (3 MiB resident once imported)
+    from tokenizers import Tokenizer as HFTokenizer
 
 try:  # the compiled extension is optional
     from vramfit.runtime import _bpe
@@ -70,8 +72,10 @@ def _isolating(pattern: str) -> regex.Pattern:
     return regex.compile(f"({pattern})")
 
 
-def _splits(regexes: Sequence[str]) -> list[pre_tokenizers.Split]:
-    """Each regex's matches and the gaps between them become pieces, one regex after the other."""
+def _hf_splits(regexes: Sequence[str]) -> list:
+    """HF `Split` pre-tokenizers: each regex's matches and the gaps between them, in turn."""
+    from tokenizers import Regex, pre_tokenizers
+
     return [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
 
 
@@ -99,7 +103,9 @@ def build_gpt2(
     vocab = {tok: i for i, tok in enumerate(tokens)}  # later duplicates win, as in llama.cpp's token_to_id
     # a repeated merge keeps its first rank, as in llama.cpp's bpe_ranks (HF's map would keep the last)
     pairs = [tuple(m.split(" ", 1)) for m in dict.fromkeys(merges)]
-    hf = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = Tokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    hf.pre_tokenizer = pre_tokenizers.Sequence([*_splits(regexes), byte_level])
+    hf.pre_tokenizer = pre_tokenizers.Sequence([*_hf_splits(regexes), byte_level])
     return HFBackend(hf)

@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models
 
 from vramfit.gguf.reader import GGUFFile, StringArray
 from vramfit.runtime.bpe import CompactBPE, HFBackend, build_gpt2
@@ -185,6 +183,9 @@ def _build_spm(
     tokens: Sequence[str], scores: Sequence[float], types: Sequence[int], unk_id: int | None
 ) -> HFBackend:
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
     bpe = models.BPE(
         _vocab_dict(tokens),
         spm_merges(tokens, scores, types),
