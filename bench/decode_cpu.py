@@ -3,6 +3,8 @@
 Prints a llama-bench style table (pp<N>, tg<N> in tokens/s) for each engine and the ratio
 vramfit / peer. Run:  .venv/bin/python bench/decode_cpu.py [models ...] [-p 512] [-n 128] [-r 3]
 The peer is looked for in this interpreter, or in another one given with --peer-python.
+--hybrid adds a Qwen3.5-0.8B-shaped model (Gated DeltaNet + gated attention, random weights, Q4_K_M,
+written to a temporary file by `make-random`): the hybrid architecture has no shippable small weights.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import torch
@@ -78,8 +81,18 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with llama_cpp installed")
+    ap.add_argument("--hybrid", action="store_true", help="also a random Qwen3.5-0.8B-shaped model")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.hybrid:
+            from vramfit.model.random_model import random_model_spec, write_random_model
 
+            args.models.append(f"{tmp}/qwen35-0.8b-random.gguf")
+            write_random_model(random_model_spec("qwen35", "0.8b", "Q4_K_M"), args.models[-1])
+        bench_all(args)
+
+
+def bench_all(args: argparse.Namespace) -> None:
     from vramfit.hub import resolve
 
     threads = torch.get_num_threads()

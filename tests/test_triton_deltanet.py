@@ -166,7 +166,7 @@ def test_forward_tokens_equals_qwen35_layer(t):
     qkv = torch.randn(t, cfg.conv_channels, generator=gen)
     conv = torch.randn(3, cfg.conv_channels, generator=gen)
     _, _, _, g, beta, state = _inputs(t, nk, nv, d_k, d_v, seed=t + 1)
-    layer = SimpleNamespace(cfg=SimpleNamespace(deltanet=cfg), conv=w.double())
+    layer = SimpleNamespace(cfg=SimpleNamespace(deltanet=cfg), conv=w.double(), conv_taps=None)
     s_ref = state.double().clone()
     o_ref = qwen35.GatedDeltaNet._recurrent(
         layer, qkv.double(), g.double(), beta.double(), conv.double().clone(), s_ref

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-random", help="a random but valid GGUF with a real model's shapes and type mix")
     p.add_argument("output", help="GGUF file to write")
     p.add_argument("--arch", default="qwen35", choices=["llama", "qwen35"])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "8b", "27b"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "0.8b", "8b", "27b"])
     p.add_argument("--type", default="IQ4_KS", help="mix (IQ4_KS, Q4_K_M ...), type, or sokann-4.151")
     p.add_argument("--custom-q", default=None, help='"regex=type,..." rules; the first match wins')
     p.add_argument("--seed", type=int, default=0)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vramfit.kernels import cpu as cpu_kernels
 from vramfit.kernels import dispatch
 from vramfit.kernels.dispatch import FusedLinear, QWeight, linear, swiglu
 from vramfit.model.layers import KVCache, Rope, attention, neox_to_pairs, rms_norm
@@ -172,10 +173,15 @@ class HybridState:
 # Gated DeltaNet: reference ops
 
 
-def causal_conv(x: torch.Tensor, state: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def causal_conv(x: torch.Tensor, state: torch.Tensor, w: torch.Tensor, taps: torch.Tensor | None = None):
     """Depthwise causal conv + SiLU over new inputs x (T, C), continuing from `state` (K-1, C), the
-    last K-1 raw inputs (updated in place). w (C, K): tap K-1 multiplies the current input."""
+    last K-1 raw inputs (updated in place). w (C, K): tap K-1 multiplies the current input; taps: the
+    same as (K, C), for the C kernel (one pass; used when given and the fast CPU path is on)."""
     t, k = x.shape[0], w.shape[1]
+    if taps is not None and dispatch.fast_conv(x, k):
+        out = cpu_kernels.conv_silu(x, state, taps, dispatch.get_threads())
+        state.copy_(x[t - k + 1 :] if t >= k - 1 else torch.cat((state[t:], x)))
+        return out
     xs = torch.cat((state, x))  # (K-1+T, C)
     out = xs[:t] * w[:, 0]  # K shifted multiply-adds: cheaper than F.conv1d at these shapes
     for j in range(1, k):
@@ -218,10 +224,13 @@ def delta_rule_chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK
     # e^(G_t - G_s) for s <= t; masked before exp since G_t - G_s > 0 above the diagonal
     decay = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     kb = k * beta
-    # unitriangular: the solver reads only the strict lower triangle (the diagonal is taken as 1)
+    # (I + A)^-1 once, then two products: half the time of two solves, whose right-hand sides LAPACK
+    # copies to column-major. unitriangular: the solver reads only the strict lower triangle of A.
     a = (kb @ k.transpose(-1, -2)) * decay
-    w_v = torch.linalg.solve_triangular(a, v * beta, upper=False, unitriangular=True)
-    w_k = torch.linalg.solve_triangular(a, kb * gam.exp()[..., None], upper=False, unitriangular=True)
+    eye = torch.eye(c, dtype=a.dtype, device=a.device).expand_as(a)
+    inv = torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
+    w_v = inv @ (v * beta)
+    w_k = inv @ (kb * gam.exp()[..., None])
     attn = (q @ k.transpose(-1, -2)) * decay
     q_in = q * gam.exp()[..., None]  # reads the incoming state
     k_out = k * (gam[..., -1:] - gam).exp()[..., None]  # writes the outgoing state
@@ -316,6 +325,7 @@ class GatedDeltaNet:
         self.conv = t["conv"].dense()  # (channels, kernel), float32
         if self.conv.shape != (dn.conv_channels, dn.conv_kernel):
             raise src.error(f"ssm_conv1d of block {i} has shape {tuple(self.conv.shape)}")
+        self.conv_taps = self.conv.t().contiguous()  # (kernel, channels): the C kernel's layout
         self.dt_bias, self.a, self.norm, self.w_out = t["dt_bias"], t["a"], t["norm"], t["w_out"]
 
     def __call__(self, x: torch.Tensor, rows: Rows, slot: int) -> torch.Tensor:
@@ -334,7 +344,7 @@ class GatedDeltaNet:
         """One sequence's conv + delta rule over its n new tokens -> o (n, n_v_heads, d_v)."""
         dn, n = self.cfg.deltanet, qkv.shape[0]
         nk, nv, d_k, d_v = dn.n_k_heads, dn.n_v_heads, dn.d_k, dn.d_v
-        qkv = causal_conv(qkv, conv, self.conv)
+        qkv = causal_conv(qkv, conv, self.conv, self.conv_taps)
         q, k, v = qkv.split([nk * d_k, nk * d_k, nv * d_v], dim=-1)
         if dispatch.triton_ops(qkv):  # the GPU path: norms, tiling and the recurrence in one kernel
             from vramfit.kernels.triton import deltanet

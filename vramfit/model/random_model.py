@@ -120,7 +120,8 @@ PRESETS: dict[tuple[str, str], Preset] = {
     ("llama", "tiny"): Preset(2, 256, 512, 4, 2, 64, 512, 2048, 10000.0, tied=True),
     ("llama", "8b"): Preset(32, 4096, 14336, 32, 8, 128, 128256, 131072, 500000.0),  # Llama-3.1-8B
     ("qwen35", "tiny"): Preset(4, 256, 512, 4, 2, 64, 512, 4096, 1e7, True, 16, 2, 4, 64),
-    # Qwen3.5-9B and Qwen3.5/3.6-27B (shared/docs/qwen35-27b.md 1.1, 1.2)
+    # Qwen3.5-0.8B, Qwen3.5-9B and Qwen3.5/3.6-27B (shared/docs/qwen35-27b.md 1.1, 1.2)
+    ("qwen35", "0.8b"): Preset(24, 1024, 3584, 8, 2, 256, 248320, 262144, 1e7, True, 64, 16, 16, 128),
     ("qwen35", "8b"): Preset(32, 4096, 12288, 16, 4, 256, 248320, 262144, 1e7, False, 64, 16, 32, 128),
     ("qwen35", "27b"): Preset(64, 5120, 17408, 24, 4, 256, 248320, 262144, 1e7, False, 64, 16, 48, 128),
 }

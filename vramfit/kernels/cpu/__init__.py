@@ -181,8 +181,30 @@ def swiglu(gate_up: torch.Tensor, threads: int) -> torch.Tensor:
     return out
 
 
+def conv_supported() -> bool:
+    return available() and _qgemm.cpu_level() >= 2
+
+
+def conv_silu(x: torch.Tensor, state: torch.Tensor, taps: torch.Tensor, threads: int) -> torch.Tensor:
+    """silu(causal depthwise conv) of x (T, C) continuing from state (K-1, C), the previous raw inputs;
+    taps (K, C), tap K-1 on the current input. Float32; x's rows may be strided (columns of a wider
+    product), state and taps contiguous. `state` is not updated here."""
+    k = taps.shape[0]
+    t, c = x.shape
+    floats = all(a.dtype == torch.float32 for a in (x, state, taps))
+    ok = floats and state.is_contiguous() and taps.is_contiguous() and x.stride(1) == 1
+    if not ok or state.shape != (k - 1, c) or taps.shape[1] != c or not 1 <= k <= 16:
+        raise ValueError("conv_silu expects float32 x (T, C) with unit column stride, state, taps (K, C)")
+    out = torch.empty((t, c), dtype=torch.float32)
+    ldx = max(x.stride(0), c)  # a single row may report any stride
+    _qgemm.conv_silu(state.data_ptr(), x.data_ptr(), ldx, taps.data_ptr(), out.data_ptr(), t, c, k, threads)
+    return out
+
+
 __all__ = [
     "attention",
+    "conv_silu",
+    "conv_supported",
     "attention_supported",
     "available",
     "isa",

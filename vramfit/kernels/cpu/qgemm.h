@@ -73,6 +73,9 @@ int qg_attention_avx512(const qg_attn_args *a);
 
 /* out[r] = silu(gu[r, :n_ff]) * gu[r, n_ff:] for rows r (qops_avx512.c) */
 void qg_swiglu_avx512(const float *gu, float *out, int64_t rows, int64_t n_ff, int nthreads);
+#define QG_CONV_MAX_K 16
+void qg_conv_silu_avx512(const float *state, const float *x, int64_t ldx, const float *wt, float *out, int64_t T,
+                         int64_t C, int K, int nthreads);
 
 /* per-ISA entry points; return 0 on success, nonzero on bad arguments/allocation failure */
 int qg_matmul_avx2(const qg_args *a);

@@ -325,6 +325,32 @@ static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* conv_silu(state_ptr, x_ptr, ldx, wt_ptr, out_ptr, T, C, K, nthreads) */
+static PyObject *py_conv_silu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "conv_silu expects 9 arguments");
+        return NULL;
+    }
+    const float *state = (const float *)PyLong_AsVoidPtr(args[0]), *x = (const float *)PyLong_AsVoidPtr(args[1]);
+    long long ldx = PyLong_AsLongLong(args[2]);
+    const float *wt = (const float *)PyLong_AsVoidPtr(args[3]);
+    float *out = (float *)PyLong_AsVoidPtr(args[4]);
+    long long T = PyLong_AsLongLong(args[5]), C = PyLong_AsLongLong(args[6]);
+    int K = (int)PyLong_AsLong(args[7]), nth = (int)PyLong_AsLong(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    if (level < 2 || K < 1 || K > QG_CONV_MAX_K || T < 0 || C < 1 || ldx < C) {
+        PyErr_SetString(PyExc_RuntimeError, "conv_silu needs AVX-512 and 1 <= K <= 16");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&lock);
+    qg_conv_silu_avx512(state, x, ldx, wt, out, T, C, K, nth);
+    pthread_mutex_unlock(&lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL,
      "rmsnorm(x_ptr, w_ptr, out_ptr, rows, K, eps)"},
@@ -335,6 +361,8 @@ static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
      "matmul(x_ptr, n, K, w_ptr, N, row_nbytes, type_id, out_ptr, nthreads)"},
     {"swiglu", (PyCFunction)(void (*)(void))py_swiglu, METH_FASTCALL, "swiglu(gu_ptr, out_ptr, rows, n_ff, nthreads)"},
+    {"conv_silu", (PyCFunction)(void (*)(void))py_conv_silu, METH_FASTCALL,
+     "conv_silu(state_ptr, x_ptr, ldx, wt_ptr, out_ptr, T, C, K, nthreads): causal depthwise conv + SiLU"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
      "attention(q, k, v, out, n, start, n_heads, n_kv_heads, head_dim, kv_head_stride, scale, nthreads)"},
     {"decode_layers", (PyCFunction)(void (*)(void))ql_py_decode_layers, METH_FASTCALL,
