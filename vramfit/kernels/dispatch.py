@@ -176,10 +176,10 @@ def fast_attention(q: torch.Tensor, head_dim: int) -> bool:
     return _cpu_ops(q) and q.dtype == torch.float32 and cpu_kernels.attention_supported(head_dim)
 
 
-def fast_conv(x: torch.Tensor, kernel: int) -> bool:
-    """Whether the Gated DeltaNet's causal conv + SiLU runs on the C kernel (float32, AVX-512; the
-    reference backend keeps the torch ops as the oracle)."""
-    return _cpu_ops(x) and x.dtype == torch.float32 and kernel <= 16 and cpu_kernels.conv_supported()
+def fast_deltanet(x: torch.Tensor) -> bool:
+    """Whether the Gated DeltaNet's causal conv (kernel <= 16) and one-token delta-rule step run on the
+    C kernels (float32, AVX-512; the reference backend keeps the torch ops as the oracle)."""
+    return _cpu_ops(x) and x.dtype == torch.float32 and cpu_kernels.conv_supported()
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -178,7 +178,7 @@ def causal_conv(x: torch.Tensor, state: torch.Tensor, w: torch.Tensor, taps: tor
     last K-1 raw inputs (updated in place). w (C, K): tap K-1 multiplies the current input; taps: the
     same as (K, C), for the C kernel (one pass; used when given and the fast CPU path is on)."""
     t, k = x.shape[0], w.shape[1]
-    if taps is not None and dispatch.fast_conv(x, k):
+    if taps is not None and k <= 16 and dispatch.fast_deltanet(x):
         out = cpu_kernels.conv_silu(x, state, taps, dispatch.get_threads())
         state.copy_(x[t - k + 1 :] if t >= k - 1 else torch.cat((state[t:], x)))
         return out
@@ -351,10 +351,13 @@ class GatedDeltaNet:
 
             qk = (q.reshape(n, nk, d_k), k.reshape(n, nk, d_k))
             return deltanet.forward_tokens(*qk, v.reshape(n, nv, d_v), g, beta, ssm)
-        # tiled value heads: head h uses key head h % nk, i.e. q/k repeated as whole blocks
-        q = l2_norm(q.reshape(n, nk, d_k)).repeat(1, nv // nk, 1) * d_k**-0.5
-        k = l2_norm(k.reshape(n, nk, d_k)).repeat(1, nv // nk, 1)
+        q = l2_norm(q.reshape(n, nk, d_k)) * d_k**-0.5
+        k = l2_norm(k.reshape(n, nk, d_k))
         v = v.reshape(n, nv, d_v)
+        if n == 1 and dispatch.fast_deltanet(qkv) and ssm.is_contiguous():  # two passes over the state
+            return cpu_kernels.delta_step(q[0], k[0], v[0], g[0], beta[0], ssm, dispatch.get_threads())[None]
+        # tiled value heads: head h uses key head h % nk, i.e. q/k repeated as whole blocks
+        q, k = (x.repeat(1, nv // nk, 1) if nv != nk else x for x in (q, k))
         if n == 1:
             return delta_rule_step(q[0], k[0], v[0], g[0], beta[0], ssm)[None]
         heads_first = [x.transpose(0, 1) for x in (q, k, v, g, beta)]

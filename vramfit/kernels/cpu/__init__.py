@@ -201,10 +201,28 @@ def conv_silu(x: torch.Tensor, state: torch.Tensor, taps: torch.Tensor, threads:
     return out
 
 
+def delta_step(q, k, v, g, beta, state: torch.Tensor, threads: int) -> torch.Tensor:
+    """One token of the gated delta rule: q, k (n_k, d_k), value head h reading key head h % n_k;
+    v (H, d_v); g (log decay), beta (H,); state (H, d_k, d_v) updated in place. Returns o (H, d_v).
+    Float32, contiguous."""
+    h, d_k, d_v = state.shape
+    n_k = q.shape[0]
+    args = (q, k, v, g, beta, state)
+    shapes_ok = q.shape == k.shape == (n_k, d_k) and v.shape == (h, d_v) and g.shape == beta.shape == (h,)
+    if not shapes_ok or h % n_k or not all(a.dtype == torch.float32 and a.is_contiguous() for a in args):
+        raise ValueError("delta_step expects contiguous float32 q, k (n_k, d_k), v (H, d_v), g, beta (H,)")
+    if d_v > 1024:
+        raise ValueError("delta_step takes value heads of at most 1024")
+    out = torch.empty((h, d_v), dtype=torch.float32)
+    _qgemm.delta_step(*(a.data_ptr() for a in args), out.data_ptr(), h, n_k, d_k, d_v, threads)
+    return out
+
+
 __all__ = [
     "attention",
     "conv_silu",
     "conv_supported",
+    "delta_step",
     "attention_supported",
     "available",
     "isa",

@@ -74,6 +74,9 @@ int qg_attention_avx512(const qg_attn_args *a);
 /* out[r] = silu(gu[r, :n_ff]) * gu[r, n_ff:] for rows r (qops_avx512.c) */
 void qg_swiglu_avx512(const float *gu, float *out, int64_t rows, int64_t n_ff, int nthreads);
 #define QG_CONV_MAX_K 16
+#define QG_DELTA_MAX_DV 1024
+void qg_delta_step_avx512(const float *q, const float *k, const float *v, const float *g, const float *beta, float *state,
+                          float *out, int64_t H, int64_t nk, int64_t dk, int64_t dv, int nthreads);
 void qg_conv_silu_avx512(const float *state, const float *x, int64_t ldx, const float *wt, float *out, int64_t T,
                          int64_t C, int K, int nthreads);
 

@@ -351,6 +351,32 @@ static PyObject *py_conv_silu(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* delta_step(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, H, n_k, d_k, d_v, nthreads) */
+static PyObject *py_delta_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "delta_step expects 12 arguments");
+        return NULL;
+    }
+    const float *p[5];
+    for (int i = 0; i < 5; i++) p[i] = (const float *)PyLong_AsVoidPtr(args[i]);
+    float *state = (float *)PyLong_AsVoidPtr(args[5]), *out = (float *)PyLong_AsVoidPtr(args[6]);
+    long long H = PyLong_AsLongLong(args[7]), nk = PyLong_AsLongLong(args[8]);
+    long long dk = PyLong_AsLongLong(args[9]), dv = PyLong_AsLongLong(args[10]);
+    int nth = (int)PyLong_AsLong(args[11]);
+    if (PyErr_Occurred()) return NULL;
+    if (level < 2 || H < 1 || nk < 1 || H % nk || dk < 1 || dv < 1 || dv > QG_DELTA_MAX_DV) {
+        PyErr_SetString(PyExc_RuntimeError, "delta_step needs AVX-512, H a multiple of n_k and d_v <= 1024");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&lock);
+    qg_delta_step_avx512(p[0], p[1], p[2], p[3], p[4], state, out, H, nk, dk, dv, nth);
+    pthread_mutex_unlock(&lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL,
      "rmsnorm(x_ptr, w_ptr, out_ptr, rows, K, eps)"},
@@ -361,6 +387,8 @@ static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
      "matmul(x_ptr, n, K, w_ptr, N, row_nbytes, type_id, out_ptr, nthreads)"},
     {"swiglu", (PyCFunction)(void (*)(void))py_swiglu, METH_FASTCALL, "swiglu(gu_ptr, out_ptr, rows, n_ff, nthreads)"},
+    {"delta_step", (PyCFunction)(void (*)(void))py_delta_step, METH_FASTCALL,
+     "delta_step(q, k, v, g, beta, state, out, H, n_k, d_k, d_v, nthreads): one token of the delta rule"},
     {"conv_silu", (PyCFunction)(void (*)(void))py_conv_silu, METH_FASTCALL,
      "conv_silu(state_ptr, x_ptr, ldx, wt_ptr, out_ptr, T, C, K, nthreads): causal depthwise conv + SiLU"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
