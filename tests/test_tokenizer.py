@@ -307,3 +307,10 @@ def test_spm_merges_best_score_first(ab, bc, expected):
 def test_unsupported_model_is_rejected():
     with pytest.raises(ValueError, match="unsupported"):
         Tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+
+
+def test_surrogates_are_joined_or_replaced(tokenizer):
+    # a str may hold UTF-16 surrogates (JSON's "\ud800" escapes); they have no UTF-8 of their own
+    tok = tokenizer("qwen2.5-coder-0.5b")
+    assert tok.encode("a\ud83d\ude00b") == tok.encode("a\U0001f600b")  # a valid pair: the character
+    assert tok.encode("hi \ud800 there \udfff") == tok.encode("hi \ufffd there \ufffd")  # lone: U+FFFD

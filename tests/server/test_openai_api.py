@@ -321,6 +321,14 @@ def test_prompt_longer_than_the_context(client, smol):
     assert str(CTX) in err["message"] and str(n) in err["message"]
 
 
+def test_lone_surrogate_in_a_message_is_answered(base):
+    # valid JSON, but "\ud800" is half a UTF-16 pair: the text gets U+FFFD in its place, not a 500
+    body = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}], "max_tokens": 2}'
+    r = httpx.post(base + "/v1/chat/completions", content=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_malformed_json_and_schema_violations(base):
     r = httpx.post(base + "/v1/chat/completions", content=b'{"model": "x", "messages": [', timeout=30)
     assert r.status_code == 400

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import IntEnum
 from functools import lru_cache
@@ -89,6 +90,16 @@ _PRE_ALIASES: dict[str, str] = {
 
 # llama.cpp takes a whole pre-token as one token when the vocabulary has it (llama3's `ignore_merges`)
 _IGNORE_MERGES = {"llama-bpe"}
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(text: str) -> str:
+    """UTF-16 surrogates in a str have no UTF-8: a high + low pair becomes the character it encodes; a
+    lone one (JSON's "\ud800", half of an emoji cut by an agent's tool) becomes U+FFFD, as a UTF-8
+    decoder does for bytes that are no character."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
 
 # control tokens whose text marks the end of a turn (llama.cpp's end-of-generation heuristics)
 _EOG_TEXTS = frozenset(
@@ -329,6 +340,8 @@ class Tokenizer:
         """
         add_bos = self.add_bos if add_bos is None else add_bos
         add_eos = self.add_eos if add_eos is None else add_eos
+        if _SURROGATE.search(text):
+            text = _without_surrogates(text)
         ids: list[int] = []
         if add_bos and self._bos is not None:
             ids.append(self._bos)
