@@ -329,6 +329,33 @@ def test_lone_surrogate_in_a_message_is_answered(base):
     assert r.json()["usage"]["completion_tokens"] == 2
 
 
+def test_null_content_renders_as_empty(client):
+    # an assistant turn that only called tools has "content": null; templates read message.content
+    messages = [*HI, {"role": "assistant", "content": None}, {"role": "user", "content": "And?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert r.usage.completion_tokens == 2
+
+
+def test_seed_outside_what_a_generator_takes_is_400(base):
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": HI, "seed": 2**70}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+
+
+def test_a_failing_generation_answers_500_and_frees_its_slot(base, server, monkeypatch):
+    import vramfit.server.serving as serving_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampler setup failed")
+
+    monkeypatch.setattr(serving_module, "ApiSampler", broken)
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": HI, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 500 and "sampler setup failed" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    assert wait_until(lambda: server[1].busy == 0)  # released, not stuck
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": HI, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200
+
+
 def test_malformed_json_and_schema_violations(base):
     r = httpx.post(base + "/v1/chat/completions", content=b'{"model": "x", "messages": [', timeout=30)
     assert r.status_code == 400

@@ -37,7 +37,7 @@ class SamplingFields(_Request):
     repeat_penalty: float | None = Field(None, gt=0.0)
     repetition_penalty: float | None = Field(None, gt=0.0)  # vLLM's name for the same thing
     repeat_last_n: int | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator takes
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=1)

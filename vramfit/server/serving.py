@@ -374,43 +374,52 @@ class Serving:
         self._sem.release()
 
     def _work(self, slot: Slot, job: Job, gen: Generation) -> None:
-        """Worker thread: run the engine, hand pieces to the loop, stop when cancelled."""
-        self._log_cache(slot, job.prompt_ids)
-        constraint = JsonConstraint(job.schema, self.vocabulary) if job.schema is not None else None
-        sampler = ApiSampler(job.params, job.logit_bias, job.n_logprobs, constraint)
-        tok = self.model.tokenizer
-        events = slot.engine.generate(job.prompt_ids, job.max_tokens, job.params, stop_ids=set(tok.eot_ids),
-                                      detok=_Detok(tok), stop_strings=job.stops, stats=gen.stats,
-                                      sampler=sampler)  # fmt: skip
-        generated: list[int] = []
+        """Worker thread: run the engine, hand pieces to the loop, stop when cancelled. Whatever fails,
+        the request gets an answer and the slot is released."""
+        events = None
         try:
-            while not gen.cancelled.is_set():
-                ev = next(events, None)
-                if ev is None:
-                    break
-                lp = sampler.records.popleft() if ev.token >= 0 and sampler.records else None
-                generated += [ev.token] if ev.token >= 0 else []
-                gen.put(Piece(ev.text, ev.token, lp))
-            if gen.stats.finish_reason == "stop" and sampler.last not in tok.eot_ids:
-                gen.stop_sequence = _first_stop(tok.decode(generated), job.stops)
+            self._log_cache(slot, job.prompt_ids)
+            constraint = JsonConstraint(job.schema, self.vocabulary) if job.schema is not None else None
+            sampler = ApiSampler(job.params, job.logit_bias, job.n_logprobs, constraint)
+            tok = self.model.tokenizer
+            events = slot.engine.generate(
+                job.prompt_ids, job.max_tokens, job.params, stop_ids=set(tok.eot_ids), detok=_Detok(tok),
+                stop_strings=job.stops, stats=gen.stats, sampler=sampler,
+            )  # fmt: skip
+            self._drain(events, sampler, job, gen)
         except ContextOverflowError as e:
             gen.put(bad_request(str(e), code="context_length_exceeded"))
         except Exception as e:  # reported to the client as a 500; the server keeps serving
             log.exception("generation failed")
             gen.put(APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
         finally:
-            events.close()
-            self.metrics.add_generation(gen.stats, gen.cancelled.is_set())
-            if gen.cancelled.is_set():
-                log.info(
-                    "slot %d: generation cancelled after %d tokens", slot.index, gen.stats.generated_tokens
-                )
-            gen.finished.set()
-            try:
-                gen.loop.call_soon_threadsafe(self._release, slot)
-            except RuntimeError:
-                slot.busy = False
-            gen.put(_DONE)
+            if events is not None:
+                events.close()
+            self._finish(slot, gen)
+
+    def _drain(self, events, sampler: ApiSampler, job: Job, gen: Generation) -> None:
+        tok = self.model.tokenizer
+        generated: list[int] = []
+        while not gen.cancelled.is_set():
+            ev = next(events, None)
+            if ev is None:
+                break
+            lp = sampler.records.popleft() if ev.token >= 0 and sampler.records else None
+            generated += [ev.token] if ev.token >= 0 else []
+            gen.put(Piece(ev.text, ev.token, lp))
+        if gen.stats.finish_reason == "stop" and sampler.last not in tok.eot_ids:
+            gen.stop_sequence = _first_stop(tok.decode(generated), job.stops)
+
+    def _finish(self, slot: Slot, gen: Generation) -> None:
+        self.metrics.add_generation(gen.stats, gen.cancelled.is_set())
+        if gen.cancelled.is_set():
+            log.info("slot %d: generation cancelled after %d tokens", slot.index, gen.stats.generated_tokens)
+        gen.finished.set()
+        try:
+            gen.loop.call_soon_threadsafe(self._release, slot)
+        except RuntimeError:
+            slot.busy = False
+        gen.put(_DONE)
 
     def _log_cache(self, slot: Slot, prompt: list[int]) -> None:
         cached = slot.engine.tokens
@@ -492,6 +501,7 @@ def sampling_params(req: SamplingFields) -> SamplingParams:
 def _message_dict(m: Any) -> dict[str, Any]:
     """An OpenAI message as chat templates expect it: text content, tool-call arguments as objects."""
     d = m.model_dump(exclude_none=True)
+    d.setdefault("content", "")  # null content (an assistant turn that only calls tools): templates read it
     if d["role"] == "developer":
         d["role"] = "system"
     if isinstance(d.get("content"), list):
