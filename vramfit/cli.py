@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, help="slots: requests generated at the same time")
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer or x-api-key)")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="CORS origin (repeatable)")
+    p.add_argument(
+        "--alias", action="append", default=[], metavar="NAME",
+        help='another model name requests may use (repeatable); "*" takes any name, as llama-server does',
+    )  # fmt: skip
 
     p = sub.add_parser("plan", help="memory plan: what fits in VRAM (weights, KV cache, state, workspace)")
     p.add_argument("model", help="GGUF path or short name")

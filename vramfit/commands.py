@@ -242,6 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # only what the user set: serve() plans the rest (context, cache types, memory)
     given = {k: getattr(args, k) for k in ("ctk", "ctv", "mem", "device") if getattr(args, k) is not None}
     given |= {k: True for k in ("khad", "vhad") if getattr(args, k)}
+    given |= {"aliases": tuple(args.alias)} if args.alias else {}
     serve(args.model, args.host, args.port, args.ctx, args.parallel, args.api_key, args.cors or None, **given)
     return 0
 

@@ -4,10 +4,12 @@ app itself is exercised over HTTP in the other server tests), and CORS headers w
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.server.conftest import MODEL, run_server
 from vramfit import cli
 from vramfit.server.app import create_app
+from vramfit.server.protocol import APIError
 from vramfit.server.serving import Serving
 
 
@@ -16,10 +18,10 @@ def test_serve_options_reach_the_server(monkeypatch):
     monkeypatch.setattr("vramfit.server.app.serve", lambda *a, **k: seen.update(args=a, kw=k))
     argv = ["serve", MODEL, "--host", "127.0.0.1", "--port", "9001", "--ctx", "512", "--parallel", "3",
             "--api-key", "k", "--cors", "http://a.example", "--cors", "http://b.example", "--device", "cpu",
-            "-ctk", "q8_0", "--mem", "2GiB"]  # fmt: skip
+            "-ctk", "q8_0", "--mem", "2GiB", "--alias", "gpt-4o", "--alias", "claude"]  # fmt: skip
     assert cli.main(argv) == 0
     assert seen["args"] == (MODEL, "127.0.0.1", 9001, 512, 3, "k", ["http://a.example", "http://b.example"])
-    assert seen["kw"] == {"device": "cpu", "ctk": "q8_0", "mem": "2GiB"}
+    assert seen["kw"] == {"device": "cpu", "ctk": "q8_0", "mem": "2GiB", "aliases": ("gpt-4o", "claude")}
 
 
 def test_serve_defaults(monkeypatch):
@@ -47,3 +49,14 @@ def test_cors_preflight_and_header(smol):
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
         other = httpx.get(url + "/health", timeout=30, headers={"Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_aliases_and_any_model_name(smol):
+    # llama-server answers whatever "model" says; here only with --alias NAME, or "*" for any name
+    named = Serving(smol, MODEL, aliases=("gpt-4o",))
+    named.check_model("gpt-4o")
+    named.check_model(MODEL)
+    with pytest.raises(APIError) as e:
+        named.check_model("claude-sonnet")
+    assert e.value.status == 404
+    Serving(smol, MODEL, aliases=("*",)).check_model("claude-sonnet")

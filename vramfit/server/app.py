@@ -438,10 +438,12 @@ def serve(
     vhad: bool = False,
     mem: str | None = None,
     device: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> None:
     """Plan the load of `model` (runtime/fit.py: the context and KV cache types that fit `mem`, default
     the available memory of `device`, for `parallel` slots; the plan goes to stderr, and PlanError when
-    nothing fits), then load it in the background and serve it until interrupted (`vramfit serve`)."""
+    nothing fits), then load it in the background and serve it until interrupted (`vramfit serve`).
+    aliases: more model names requests may use ("*": any)."""
     import uvicorn
     from rich.console import Console
 
@@ -460,7 +462,8 @@ def serve(
 
     def load_serving() -> Serving:
         name = model.rsplit("/", 1)[-1].removesuffix(".gguf")
-        return Serving(Model(path, f.ctx, f.kv, gguf=gguf, device=dev), name, parallel)
+        loaded = Model(path, f.ctx, f.kv, gguf=gguf, device=dev)
+        return Serving(loaded, name, parallel, aliases=tuple(aliases))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = create_app(load=load_serving, api_key=api_key, cors=cors)

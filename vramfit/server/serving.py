@@ -242,11 +242,14 @@ class Metrics:
 class Serving:
     """The loaded model, its slots and metrics; turns validated requests into running generations."""
 
-    def __init__(self, model: Any, name: str, parallel: int = 1, max_queue: int = 256):
+    def __init__(
+        self, model: Any, name: str, parallel: int = 1, max_queue: int = 256, aliases: tuple[str, ...] = ()
+    ):
+        """aliases: more names requests may give in "model" ("*": any name, as llama-server takes)."""
         if parallel < 1:
             raise ValueError("--parallel must be at least 1")
         self.model, self.name, self.max_queue = model, name, max_queue
-        self.aliases = {name, model.path.name, model.path.stem}
+        self.aliases = {name, model.path.name, model.path.stem, *aliases}
         self.slots = [Slot(0, model.engine)] + [Slot(i, Engine(model.model)) for i in range(1, parallel)]
         self.n_ctx = model.n_ctx
         self.fmt = tool_format(model.chat_template)
@@ -269,7 +272,7 @@ class Serving:
     # -- request -> job -----------------------------------------------------------------------------
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.aliases:
+        if name is not None and name not in self.aliases and "*" not in self.aliases:
             raise APIError(404, f"The model '{name}' does not exist (this server has '{self.name}')",
                            "invalid_request_error", "model_not_found", "model")  # fmt: skip
 
