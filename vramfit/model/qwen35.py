@@ -355,7 +355,8 @@ class GatedDeltaNet:
         k = l2_norm(k.reshape(n, nk, d_k))
         v = v.reshape(n, nv, d_v)
         if n == 1 and dispatch.fast_deltanet(qkv) and ssm.is_contiguous():  # two passes over the state
-            return cpu_kernels.delta_step(q[0], k[0], v[0], g[0], beta[0], ssm, dispatch.get_threads())[None]
+            one = [x[0].contiguous() for x in (q, k, v, g, beta)]
+            return cpu_kernels.delta_step(*one, ssm, dispatch.get_threads())[None]
         # tiled value heads: head h uses key head h % nk, i.e. q/k repeated as whole blocks
         q, k = (x.repeat(1, nv // nk, 1) if nv != nk else x for x in (q, k))
         if n == 1:
