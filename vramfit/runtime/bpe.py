@@ -72,6 +72,11 @@ def _isolating(pattern: str) -> regex.Pattern:
     return regex.compile(f"({pattern})")
 
 
+def vocab_dict(tokens: Sequence[str]) -> dict[str, int]:
+    """token -> id for HF's models; later duplicates win, as in llama.cpp's token_to_id map."""
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
 def _hf_splits(regexes: Sequence[str]) -> list:
     """HF `Split` pre-tokenizers: each regex's matches and the gaps between them, in turn."""
     from tokenizers import Regex, pre_tokenizers
@@ -100,12 +105,11 @@ def build_gpt2(
     """The byte-level BPE backend: the C tables when built (and `compact`), else HF's model."""
     if compact and available():
         return CompactBPE(tokens, merges, regexes, ignore_merges)
-    vocab = {tok: i for i, tok in enumerate(tokens)}  # later duplicates win, as in llama.cpp's token_to_id
-    # a repeated merge keeps its first rank, as in llama.cpp's bpe_ranks (HF's map would keep the last)
-    pairs = [tuple(m.split(" ", 1)) for m in dict.fromkeys(merges)]
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    hf = Tokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+    # a repeated merge keeps its first rank, as in llama.cpp's bpe_ranks (HF's map would keep the last)
+    pairs = [tuple(m.split(" ", 1)) for m in dict.fromkeys(merges)]
+    hf = Tokenizer(models.BPE(vocab_dict(tokens), pairs, ignore_merges=ignore_merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     hf.pre_tokenizer = pre_tokenizers.Sequence([*_hf_splits(regexes), byte_level])
     return HFBackend(hf)

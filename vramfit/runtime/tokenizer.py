@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from vramfit.gguf.reader import GGUFFile, StringArray
-from vramfit.runtime.bpe import CompactBPE, HFBackend, build_gpt2
+from vramfit.runtime.bpe import CompactBPE, HFBackend, build_gpt2, vocab_dict
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +166,6 @@ def byte_level_decode(text: str) -> bytes:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _vocab_dict(tokens: Sequence[str]) -> dict[str, int]:
-    # later duplicates win, as in llama.cpp's token_to_id map
-    return {tok: i for i, tok in enumerate(tokens)}
-
-
 def spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
     """BPE merges reproducing SentencePiece's best-score-first merging.
 
@@ -198,7 +193,7 @@ def _build_spm(
     from tokenizers import models
 
     bpe = models.BPE(
-        _vocab_dict(tokens),
+        vocab_dict(tokens),
         spm_merges(tokens, scores, types),
         unk_token=unk,
         fuse_unk=True,
