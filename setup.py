@@ -55,6 +55,7 @@ def _extensions():
                     "qgemm_avx512.c",
                     "qattn_avx512.c",
                     "qops_avx512.c",
+                    "qops_avx2.c",
                     "qlayer.c",
                 )
             ],
@@ -68,6 +69,7 @@ def _extensions():
                     "qgemm_decode.h",
                     "qgemm_tiles.h",
                     "qmath_avx512.h",
+                    "qmath_avx2.h",
                     "qlayer.h",
                 )
             ],

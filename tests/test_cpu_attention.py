@@ -1,5 +1,6 @@
-"""The C prefill attention kernel (vramfit.kernels.cpu.attention) against torch's SDPA in float32,
-and the SwiGLU kernel against torch.
+"""The C attention kernels (vramfit.kernels.cpu.attention) against torch's SDPA in float32, and the
+SwiGLU kernels against torch, on every instruction set the machine has (AVX2's per-row kernel, and
+AVX-512's flash kernel where the CPU has it).
 
 Shapes cover grouped-query heads, head dims from 16 to 256, batches that are not a multiple of the
 kernel's 8-row query blocks, caches that already hold earlier positions (chunked prefill) and key
@@ -16,8 +17,23 @@ from vramfit.kernels import cpu, dispatch
 from vramfit.model.layers import KVCache, attention
 
 needs_kernel = pytest.mark.skipif(
-    not cpu.attention_supported(64), reason="the attention kernel needs AVX-512"
+    not cpu.attention_supported(64), reason="the fast CPU kernels are not built for this machine"
 )
+ISAS = [
+    i
+    for i in ("avx2", "avx512vnni")
+    if cpu.available() and cpu.ISA_NAMES.index(i) <= cpu.ISA_NAMES.index(cpu.isa())
+]
+if cpu.available() and cpu.isa() != "avx512vnni":  # stated, so that the skip is visible
+    ISAS.append(pytest.param("avx512vnni", marks=pytest.mark.skip(reason="this CPU has no AVX-512 VNNI")))
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test with at most this instruction set in use."""
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa(None)
 
 
 def sdpa(q, k, v, start, scale):
@@ -45,7 +61,7 @@ def sdpa(q, k, v, start, scale):
         (65, 0, 4, 1, 48, 65),
     ],
 )
-def test_matches_sdpa(n, start, n_heads, n_kv, head_dim, ctx):
+def test_matches_sdpa(n, start, n_heads, n_kv, head_dim, ctx, isa):
     gen = torch.Generator().manual_seed(n * 7 + start)
     q = torch.randn(n, n_heads, head_dim, generator=gen) * 2
     k = torch.randn(n_kv, ctx, head_dim, generator=gen)
@@ -58,7 +74,7 @@ def test_matches_sdpa(n, start, n_heads, n_kv, head_dim, ctx):
 
 
 @needs_kernel
-def test_peaked_scores():
+def test_peaked_scores(isa):
     """Large scores (a softmax close to one-hot, and the running max growing block after block)."""
     gen = torch.Generator().manual_seed(3)
     n, ctx, head_dim = 200, 200, 64
@@ -70,7 +86,7 @@ def test_peaked_scores():
 
 
 @needs_kernel
-def test_layer_attention_uses_the_kernel_and_matches_the_reference():
+def test_layer_attention_uses_the_kernel_and_matches_the_reference(isa):
     """layers.attention on the fast backend equals the reference backend (torch SDPA) on a cache."""
     gen = torch.Generator().manual_seed(5)
     cache = KVCache(n_layer=2, n_kv_heads=2, head_dim=64, n_ctx=96)
@@ -87,7 +103,7 @@ def test_layer_attention_uses_the_kernel_and_matches_the_reference():
 
 
 @needs_kernel
-def test_bad_arguments():
+def test_bad_arguments(isa):
     q = torch.randn(4, 2, 64)
     k = torch.randn(1, 3, 64)
     with pytest.raises(ValueError, match="cache holds 3 positions"):
@@ -97,11 +113,19 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unsupported shape"):
         bad = torch.randn(4, 3, 64)  # 3 query heads over 2 kv heads
         cpu.attention(bad, torch.randn(2, 8, 64), torch.randn(2, 8, 64), 0, 0.1, 1)
-    assert not cpu.attention_supported(72) and not cpu.attention_supported(512)
+    assert not cpu.attention_supported(36) and cpu.attention_supported(72)
+    # one query, or a head size the flash kernel does not take: the per-row kernel on every ISA
+    assert (
+        cpu.attention_variant(64, 1)
+        == cpu.attention_variant(72, 8)
+        == cpu.attention_variant(512, 8)
+        == "rows"
+    )
+    assert cpu.attention_variant(64, 8) == ("flash" if isa == "avx512vnni" else "rows")
 
 
-@pytest.mark.skipif(not cpu.swiglu_supported(), reason="the SwiGLU kernel needs AVX-512")
-def test_swiglu_matches_torch():
+@pytest.mark.skipif(not cpu.swiglu_supported(), reason="the fast CPU kernels are not built for this machine")
+def test_swiglu_matches_torch(isa):
     """dispatch.swiglu on a stacked [gate | up] product equals silu(gate) * up; other inputs fall back."""
     gen = torch.Generator().manual_seed(6)
     for n, n_ff in ((1, 1536), (7, 100), (512, 4864)):

@@ -15,6 +15,7 @@ import torch
 from tests.conftest import ROOT
 from vramfit.cli import main
 from vramfit.kernels import cpu as cpu_kernels
+from vramfit.kernels import dispatch
 from vramfit.model.random_model import random_model_spec, write_random_model
 from vramfit.runtime.memory import PAGE
 from vramfit.runtime.planner import (
@@ -283,7 +284,13 @@ def test_cpu_workspace_counts_slots_and_the_kv_read_back():
         plan(info, None, 65536, kv, device=CPU).item("workspace").device_bytes for kv in ("f32", "q8_0")
     )
     assert q8 - f32 == 2 * 4 * 4 * 65536 * 256
-    per_position = 4 * 4 * 256 if cpu_kernels.attention_supported(256) else 5 * 512
+    kind = cpu_kernels.attention_variant(256, 512)
+    if kind == "flash":  # the AVX-512 kernel's transposed keys
+        per_position = 4 * 4 * 256
+    elif kind == "rows":  # the AVX2 kernel's row of scores per thread
+        per_position = 4 * dispatch.get_threads()
+    else:  # torch's boolean and float masks
+        per_position = 5 * 512
     shorter = plan(info, None, 32768, "f32", device=CPU).item("workspace").device_bytes
     assert f32 - shorter == per_position * 32768
 

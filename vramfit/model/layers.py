@@ -158,10 +158,10 @@ def attention(q: torch.Tensor, cache: KVCache, layer: int, start: int, scale: fl
     v = cache.values(layer, end)
     if cache.k_store.rotation is not None:  # keys are stored rotated: rotate q too
         q = q @ cache.k_store.rotation
-    if n == 1:
-        out = _decode_attention(q, k, v, scale)
-    elif dispatch.fast_attention(q, head_dim):  # the C flash-attention kernel
+    if dispatch.fast_attention(q, head_dim):  # the C kernels (one query: the decode step's own)
         out = cpu_kernels.attention(q.contiguous(), k, v, start, scale, dispatch.get_threads())
+    elif n == 1:
+        out = _decode_attention(q, k, v, scale)
     else:
         qh = q.transpose(0, 1)  # (n_heads, n, head_dim)
         # from position 0 torch's own causal mask is the right one (and faster than an explicit one)

@@ -244,22 +244,28 @@ def attention_bytes(
     """Attention temporaries beyond q/k/v and the output. Every path is flash-style (no batch x ctx
     score matrix). A GPU's fused kernels read the cache in place: per-tile partial sums. On the CPU a
     cache not stored as float32 is read back as float32 (model/kvcache.py `KVStore.read`): n_kv_heads x
-    ctx x head_dim floats for K and for V; then the C kernel (kernels/cpu/qattn_avx512.c) keeps a
-    transposed copy of the keys (a buffer that only grows), while torch's SDPA (no AVX-512, odd head
-    sizes) holds a boolean causal mask and the float mask it derives from it (5 bytes x batch x ctx)."""
+    ctx x head_dim floats for K and for V; then the AVX-512 flash kernel (kernels/cpu/qattn_avx512.c)
+    keeps a transposed copy of the keys (a buffer that only grows), the AVX2 one (qops_avx2.c) a row of
+    scores per thread, while torch's SDPA (no fast kernels, odd head sizes) holds a boolean causal mask
+    and the float mask it derives from it (5 bytes x batch x ctx)."""
     if dev.flash_attention:
         return 4 * info.n_head * batch * 2 * info.head_dim
     decoded = sum(t != "f32" for t in (k, v)) * 4 * info.n_head_kv * ctx * info.head_dim
-    if _c_attention(info, dev):
+    kind = _c_attention(info, dev, batch)
+    if kind == "flash":
         return decoded + 4 * info.n_head_kv * -(-ctx // 32) * 32 * info.head_dim
+    if kind == "rows":
+        from vramfit.kernels import dispatch
+
+        return decoded + 4 * (ctx + 8) * dispatch.get_threads()
     return 5 * batch * ctx + decoded
 
 
-def _c_attention(info: ModelInfo, dev: Device) -> bool:
-    """Whether CPU prefill attention runs on the C kernel (model/layers.py `attention`)."""
+def _c_attention(info: ModelInfo, dev: Device, batch: int = 2) -> str | None:
+    """Which C kernel runs CPU attention over `batch` queries (model/layers.py `attention`), or None."""
     from vramfit.kernels import cpu as cpu_kernels
 
-    return dev.name == "cpu" and cpu_kernels.attention_supported(info.head_dim)
+    return cpu_kernels.attention_variant(info.head_dim, batch) if dev.name == "cpu" else None
 
 
 def workspace_allocations(info: ModelInfo, batch: int, ctx: int, k: str, v: str) -> list[int]:

@@ -136,8 +136,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def attention_supported(head_dim: int) -> bool:
-    """Whether `attention` runs here: AVX-512 in use and head_dim a multiple of 16 up to 256."""
-    return available() and _qgemm.cpu_level() >= 2 and head_dim % 16 == 0 and 0 < head_dim <= 256
+    """Whether `attention` runs here: AVX2 (or better) in use and head_dim a multiple of 8."""
+    return available() and head_dim % 8 == 0 and head_dim > 0
+
+
+def attention_variant(head_dim: int, n: int) -> str | None:
+    """Which kernel `attention` runs for n queries: "flash" (AVX-512, head_dim a multiple of 16 up to
+    256: flash attention over a transposed copy of the keys), "rows" (AVX2, and one query on any ISA:
+    each query head by the decode step's own routine, a row of scores per thread) or None."""
+    if not attention_supported(head_dim):
+        return None
+    wide = _qgemm.cpu_level() >= 2 and n > 1 and head_dim % 16 == 0 and head_dim <= 256
+    return "flash" if wide else "rows"
 
 
 def attention(
@@ -147,7 +157,7 @@ def attention(
 
     q (n, n_heads, head_dim) contiguous; k, v (n_kv_heads, >= start + n, head_dim) with contiguous
     rows (a layer of the KV cache); returns (n, n_heads * head_dim). Query i sees keys 0..start+i.
-    The kernel (qattn_avx512.c) is flash attention with an online softmax, in float32.
+    Float32; see `attention_variant` for the two kernels (qattn_avx512.c, qops_avx2.c).
     """
     n, n_heads, head_dim = q.shape
     n_kv = k.shape[0]
@@ -168,7 +178,7 @@ def attention(
 
 
 def swiglu_supported() -> bool:
-    return available() and _qgemm.cpu_level() >= 2
+    return available()
 
 
 def swiglu(gate_up: torch.Tensor, threads: int) -> torch.Tensor:
@@ -224,6 +234,7 @@ __all__ = [
     "conv_supported",
     "delta_step",
     "attention_supported",
+    "attention_variant",
     "available",
     "isa",
     "qmatmul",

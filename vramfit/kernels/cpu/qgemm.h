@@ -70,9 +70,13 @@ typedef struct {
 
 /* 0 on success, 1 on bad arguments (head_dim not a multiple of 16 or above 256, ...), 2 out of memory */
 int qg_attention_avx512(const qg_attn_args *a);
+/* the same on AVX2 (head_dim a multiple of 8), each query head by the decode step's own routine
+ * (qops_avx2.c, qmath_avx2.h) */
+int qg_attention_avx2(const qg_attn_args *a);
 
 /* out[r] = silu(gu[r, :n_ff]) * gu[r, n_ff:] for rows r (qops_avx512.c) */
 void qg_swiglu_avx512(const float *gu, float *out, int64_t rows, int64_t n_ff, int nthreads);
+void qg_swiglu_avx2(const float *gu, float *out, int64_t rows, int64_t n_ff, int nthreads); /* out may be gu */
 #define QG_CONV_MAX_K 16
 #define QG_DELTA_MAX_DV 1024
 void qg_delta_step_avx512(const float *q, const float *k, const float *v, const float *g, const float *beta, float *state,

@@ -283,14 +283,16 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     a.scale = (float)PyFloat_AsDouble(args[10]);
     a.nthreads = (int)PyLong_AsLong(args[11]);
     if (PyErr_Occurred()) return NULL;
-    if (level < 2) {
-        PyErr_SetString(PyExc_RuntimeError, "the attention kernel needs AVX-512");
+    if (level < 1) {
+        PyErr_SetString(PyExc_RuntimeError, "the attention kernel needs AVX2");
         return NULL;
     }
+    /* one query: the decode step's own routine on every ISA; a batch: flash attention on AVX-512 */
+    const int wide = level >= 2 && a.n > 1 && a.head_dim % 16 == 0 && a.head_dim <= 256;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&lock);
-    rc = qg_attention_avx512(&a);
+    rc = wide ? qg_attention_avx512(&a) : qg_attention_avx2(&a);
     pthread_mutex_unlock(&lock);
     Py_END_ALLOW_THREADS
     if (rc) {
@@ -313,13 +315,13 @@ static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nar
     long long rows = PyLong_AsLongLong(args[2]), n_ff = PyLong_AsLongLong(args[3]);
     int nth = (int)PyLong_AsLong(args[4]);
     if (PyErr_Occurred()) return NULL;
-    if (level < 2) {
-        PyErr_SetString(PyExc_RuntimeError, "swiglu needs AVX-512");
+    if (level < 1) {
+        PyErr_SetString(PyExc_RuntimeError, "swiglu needs AVX2");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&lock);
-    qg_swiglu_avx512(gu, out, rows, n_ff, nth);
+    (level >= 2 ? qg_swiglu_avx512 : qg_swiglu_avx2)(gu, out, rows, n_ff, nth);
     pthread_mutex_unlock(&lock);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
