@@ -14,6 +14,7 @@ AVX2, and "triton" for tensors on a CUDA device.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -146,6 +147,14 @@ class QWeight:
         self._dense: torch.Tensor | None = None
         self._cpu_ok: bool | None = None  # whether the fused CPU kernels take this weight
         self._triton_ok: bool | None = None  # whether the Triton kernels take it
+        self._file: tuple = None  # (open file, offset): lookups read rows from the file
+
+    def read_rows_from_file(self, f, offset: int) -> None:
+        """Make `rows(index)` read the selected rows from the file (f, byte offset of row 0) instead
+        of the mapping: an untied embedding then keeps no pages mapped at all. Through the mapping, a
+        lookup maps at least the fault-around window around each row, and on kernels that map the
+        page cache's large folios whole up to megabytes per row."""
+        self._file = (f, offset)
 
     def dense(self) -> torch.Tensor:
         """float32 (out_features, in_features), decoded once and cached."""
@@ -162,8 +171,24 @@ class QWeight:
             return self.rows(index.to(self.packed.device)).to(index.device)
         if self._dense is not None:
             return self._dense if index is None else self._dense[index]
+        if index is not None and self._file is not None:
+            return get_codec(self.gtype).decode(self._read_rows(index), self.shape[1])
         packed = self.packed if index is None else self.packed[index]
         return get_codec(self.gtype).decode(packed, self.shape[1])
+
+    def _read_rows(self, index: torch.Tensor) -> torch.Tensor:
+        f, offset = self._file
+        fd = f.fileno()
+        nbytes = self.packed.shape[1]
+        flat = index.reshape(-1).tolist()
+        out = torch.empty((len(flat), nbytes), dtype=torch.uint8)
+        view = memoryview(out.numpy()).cast("B")
+        for i, r in enumerate(flat):
+            if not 0 <= r < self.shape[0]:
+                raise IndexError(f"row {r} of {self.name} (it has {self.shape[0]})")
+            if os.preadv(fd, [view[i * nbytes : (i + 1) * nbytes]], offset + r * nbytes) != nbytes:
+                raise OSError(f"{self.name}: short read of row {r}")
+        return out.view(*index.shape, nbytes)
 
     @property
     def nbytes(self) -> int:
@@ -261,26 +286,33 @@ def permute_rows(w: QWeight, index: torch.Tensor) -> QWeight:
 
 
 class FusedLinear:
-    """Several linears on the same input, run as few products as their types allow.
+    """Several linears on the same input, run as one product per group, into one output buffer.
 
-    Adjacent weights of the same type are stacked into one matrix; the call returns one output per
-    original weight (views into the stacked result).
+    On a GPU adjacent weights of the same type are stacked into one matrix (the device holds a copy of
+    every weight anyway). On the CPU nothing is copied: the weights stay views of the mapped file and
+    each one writes its own columns of a shared (n, sum of rows) output. A copy there would cost
+    memory twice on Linux kernels that map the page cache's large folios whole, where pages released
+    after stacking come back as soon as a neighbouring tensor is read. Either way the call returns one
+    output per original weight, adjacent column ranges of one tensor (so gate | up stays one [gate |
+    up] row for the SwiGLU kernel).
     """
 
     def __init__(self, weights: list[QWeight], biases: list[torch.Tensor | None]):
         self.groups: list[tuple[QWeight, torch.Tensor | None, list[int]]] = []
+        stack = weights[0].packed.device.type != "cpu"
         i = 0
         while i < len(weights):
             j = i + 1
-            while j < len(weights) and weights[j].gtype == weights[i].gtype:
+            while stack and j < len(weights) and weights[j].gtype == weights[i].gtype:
                 j += 1
             ws, bs = weights[i:j], biases[i:j]
-            bias = None
-            if any(b is not None for b in bs):
+            bias = bs[0]
+            if len(ws) > 1 and any(b is not None for b in bs):
                 zeros = [torch.zeros(w.shape[0], device=w.packed.device) for w in ws]
                 bias = torch.cat([b if b is not None else z for b, z in zip(bs, zeros, strict=True)])
             self.groups.append((concat_rows(ws), bias, [w.shape[0] for w in ws]))
             i = j
+        self.n_out = sum(w.shape[0] for w in weights)
 
     def parts(self) -> list[QWeight]:
         """One weight per original, in order: views into the stacked rows where stacking made a copy,
@@ -301,8 +333,22 @@ class FusedLinear:
         return [n for w, _, sizes in self.groups if len(sizes) > 1 for n in w.name.split("+")]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs: list[torch.Tensor] = []
-        for w, bias, sizes in self.groups:
+        if len(self.groups) == 1:
+            w, bias, sizes = self.groups[0]
             y = linear(x, w, bias)
-            outs.extend(y.split(sizes, dim=-1) if len(sizes) > 1 else (y,))
-        return outs
+            return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.empty((flat.shape[0], self.n_out), dtype=torch.float32, device=x.device)
+        c0 = 0
+        for w, bias, _ in self.groups:
+            cols = out[:, c0 : c0 + w.shape[0]]
+            if flat.shape[0] == 1 and _fast(w, flat) and not input_observers:  # a contiguous slice
+                cpu_kernels.qmatmul(flat.contiguous(), w.packed, w.gtype.name, out=cols, threads=_threads)
+                if bias is not None:
+                    cols.add_(bias)
+            else:
+                cols.copy_(linear(flat, w, bias))
+            c0 += w.shape[0]
+        out = out.view(*x.shape[:-1], self.n_out)
+        sizes = [s for _, _, ss in self.groups for s in ss]
+        return list(out.split(sizes, dim=-1))

@@ -2,7 +2,7 @@
 
 All float32 on the CPU path. RoPE follows ggml: "norm" style rotates adjacent pairs (x0,x1), (x2,x3)
 ... (llama, whose q/k rows llama.cpp's converter permutes for it); "neox" style rotates the two halves
-of the rotary dims (qwen2), and is turned into "norm" style by permuting wq/wk rows at load.
+of the rotary dims (qwen2, qwen3.5): dims j and j + dim/2.
 Frequencies honour linear and YaRN scaling and per-dim factors (`rope_freqs.weight`, llama 3.1).
 """
 
@@ -45,11 +45,9 @@ class RopeConfig:
 
 
 class Rope:
-    """RoPE as a complex multiply of adjacent pairs: (x0 + i x1) * e^(i pos theta_j).
-
-    That is ggml's "norm" style. NeoX-style models (pairs (j, j + dim/2)) are brought to it at load
-    time by `neox_to_pairs`, a row permutation of wq/wk that leaves q.k unchanged, so one code path
-    serves both.
+    """RoPE as a rotation of pairs by e^(i pos theta_j): adjacent pairs (x0, x1), ggml's "norm" style,
+    or the pairs (x_j, x_{j + dim/2}) of NeoX style. Each product is rounded apart and then added, as
+    torch's complex multiply does and the C decode step (kernels/cpu/qlayer.c) does too.
     """
 
     def __init__(self, cfg: RopeConfig, max_pos: int, freq_factors: torch.Tensor | None = None):
@@ -100,18 +98,15 @@ class Rope:
         """x (n_tokens, n_heads, head_dim), rot from `at` -> rotated copy of x."""
         n, h, hd = x.shape
         d = self.cfg.dim
+        if self.cfg.style == "neox":
+            c, s = rot.real, rot.imag
+            a, b = x[..., : d // 2], x[..., d // 2 : d]
+            return torch.cat((a * c - b * s, a * s + b * c, x[..., d:]), dim=-1)
         if d == hd:
             pairs = torch.view_as_complex(x.reshape(n, h, hd // 2, 2))
             return torch.view_as_real(pairs * rot).view(n, h, hd)
         pairs = torch.view_as_complex(x[..., :d].reshape(n, h, d // 2, 2))
         return torch.cat((torch.view_as_real(pairs * rot).view(n, h, d), x[..., d:]), dim=-1)
-
-
-def neox_to_pairs(head_dim: int, rope_dim: int) -> torch.Tensor:
-    """Index that reorders one head's dims from NeoX halves to adjacent pairs: 0, d/2, 1, d/2+1, ..."""
-    half = rope_dim // 2
-    pairs = torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).reshape(-1)
-    return torch.cat((pairs, torch.arange(rope_dim, head_dim)))
 
 
 class KVCache:

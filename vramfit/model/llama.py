@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from vramfit.kernels.dispatch import FusedLinear, QWeight, fused_decoder, linear, permute_rows, swiglu
-from vramfit.model.layers import KVCache, Rope, RopeConfig, attention, neox_to_pairs, rms_norm
+from vramfit.kernels.dispatch import FusedLinear, QWeight, fused_decoder, linear, swiglu
+from vramfit.model.layers import KVCache, Rope, RopeConfig, attention, rms_norm
 from vramfit.model.loader import WeightSource, require
 
 # GGUF tensor names (per block, then global); the only place they appear for this family.
@@ -121,6 +121,8 @@ def embeddings_and_head(src: WeightSource) -> tuple[QWeight, torch.Tensor, QWeig
     embed = src.qweight(GLOBAL_TENSORS["embed"])
     tied = GLOBAL_TENSORS["output"] not in src
     output = embed if tied else src.qweight(GLOBAL_TENSORS["output"])
+    if not tied:  # only looked up: rows read from the file, no pages of it mapped
+        src.rows_from_file(embed)
     return embed, src.vector(GLOBAL_TENSORS["norm"]), output
 
 
@@ -148,32 +150,13 @@ class LlamaModel:
         except TypeError:
             missing = [names[f] for f in Block.__dataclass_fields__ if f not in fields]
             raise src.error(f"missing tensor {missing[0]}") from None
-        copied = []
-        if self.cfg.rope.style == "neox":
-            self._pair_rotary_dims(blk)
-            copied += [blk.wq.name, blk.wk.name]
         blk.qkv = FusedLinear([blk.wq, blk.wk, blk.wv], [blk.bq, blk.bk, blk.bv])
         blk.gate_up = FusedLinear([blk.w_gate, blk.w_up], [None, None])
-        # the block's own fields become views of the stacked copies: no second copy of permuted rows
+        # the block's own fields become views of the stacked copies (a GPU's; the CPU stacks nothing)
         blk.wq, blk.wk, blk.wv = blk.qkv.parts()
         blk.w_gate, blk.w_up = blk.gate_up.parts()
-        # the permuted / stacked copies replace the mapped originals: drop those pages
-        src.release(copied + blk.qkv.copied() + blk.gate_up.copied())
+        src.release(blk.qkv.copied() + blk.gate_up.copied())  # stacked copies replace the originals
         return blk
-
-    def _pair_rotary_dims(self, blk: Block) -> None:
-        """Reorder q/k head dims from NeoX halves to adjacent pairs (see layers.Rope); q.k is unchanged."""
-        c = self.cfg
-        perm = neox_to_pairs(c.head_dim, c.rope.dim)
-
-        def rows(n_heads: int) -> torch.Tensor:
-            return (torch.arange(n_heads)[:, None] * c.head_dim + perm[None, :]).reshape(-1)
-
-        blk.wq, blk.wk = permute_rows(blk.wq, rows(c.n_head)), permute_rows(blk.wk, rows(c.n_head_kv))
-        if blk.bq is not None:
-            blk.bq, blk.bk = blk.bq[rows(c.n_head)], blk.bk[rows(c.n_head_kv)]
-        if blk.q_norm is not None:
-            blk.q_norm, blk.k_norm = blk.q_norm[perm], blk.k_norm[perm]
 
     def new_cache(self) -> KVCache:
         c = self.cfg

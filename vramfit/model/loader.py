@@ -82,6 +82,13 @@ class WeightSource:
     def release(self, names: list[str]) -> None:
         self.gguf.release(*names)
 
+    def rows_from_file(self, w: QWeight) -> None:
+        """Row lookups of w (a weight kept in host memory) read the file instead of the mapping."""
+        if w.packed.device.type == "cpu":
+            w.read_rows_from_file(
+                open(self.gguf.path, "rb"), self.gguf.data_offset + self._info(w.name).offset
+            )  # noqa: SIM115
+
     def is_vector(self, name: str) -> bool:
         return len(self._info(name).shape) == 1
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from vramfit.kernels import cpu as cpu_kernels
 from vramfit.kernels import dispatch
 from vramfit.kernels.dispatch import FusedLinear, QWeight, linear, swiglu
-from vramfit.model.layers import KVCache, Rope, attention, neox_to_pairs, rms_norm
+from vramfit.model.layers import KVCache, Rope, attention, rms_norm
 from vramfit.model.llama import LlamaConfig, embeddings_and_head
 from vramfit.model.loader import WeightSource, require
 from vramfit.model.qwen2 import Qwen2Config
@@ -278,32 +278,25 @@ def _load(src: WeightSource, names: dict[str, str], i: int) -> dict[str, Any]:
     return out
 
 
-def select_rows(w: QWeight, index: torch.Tensor) -> QWeight:
-    """A weight made of some of w's output rows (exact: whole packed rows)."""
-    return QWeight(w.packed[index].contiguous(), w.gtype, (index.numel(), w.shape[1]), w.name)
-
-
 class GatedAttention:
     """GQA attention with per-head q/k RMSNorm, partial RoPE and an elementwise sigmoid output gate."""
 
     def __init__(self, cfg: Qwen35Config, src: WeightSource, i: int):
         self.cfg = cfg
         t = _load(src, ATTN_TENSORS, i)
-        hd, nh = cfg.head_dim, cfg.n_head
-        perm = neox_to_pairs(hd, cfg.rope.dim)  # NeoX halves -> adjacent pairs (see layers.Rope)
-        base = torch.arange(nh)[:, None] * 2 * hd
-        wq = select_rows(t["wqg"], (base + perm).reshape(-1))
-        w_gate = select_rows(t["wqg"], (base + hd + torch.arange(hd)).reshape(-1))
-        wk = select_rows(t["wk"], (torch.arange(cfg.n_head_kv)[:, None] * hd + perm).reshape(-1))
-        self.proj = FusedLinear([wq, w_gate, wk, t["wv"]], [None] * 4)
-        self.copied = [wq.name, wk.name, *self.proj.copied()]  # GGUF tensors now held as copies
-        self.q_norm, self.k_norm = t["q_norm"][perm], t["k_norm"][perm]
+        # wqg interleaves per head hd rows of q and hd rows of the output gate: one product, split
+        # by views (no copies of the mapped weights)
+        self.proj = FusedLinear([t["wqg"], t["wk"], t["wv"]], [None] * 3)
+        self.copied = self.proj.copied()  # GGUF tensors now held as stacked copies (a GPU's)
+        self.q_norm, self.k_norm = t["q_norm"], t["k_norm"]
         self.wo = t["wo"]
 
     def __call__(self, x: torch.Tensor, rows: Rows, slot: int, rope: Rope, rot) -> torch.Tensor:
         c, n = self.cfg, x.shape[0]
-        q, gate, k, v = self.proj(x)
-        q = rms_norm(q.view(n, c.n_head, c.head_dim), self.q_norm, c.norm_eps)
+        qg, k, v = self.proj(x)
+        qg = qg.reshape(n, c.n_head, 2, c.head_dim)
+        gate = qg[:, :, 1].reshape(n, c.n_head * c.head_dim)
+        q = rms_norm(qg[:, :, 0].contiguous(), self.q_norm, c.norm_eps)
         k = rms_norm(k.view(n, c.n_head_kv, c.head_dim), self.k_norm, c.norm_eps)
         q, k = rope.apply(q, rot), rope.apply(k, rot)
         v = v.view(n, c.n_head_kv, c.head_dim)

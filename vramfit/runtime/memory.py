@@ -3,13 +3,13 @@
 Each count follows the code that makes the allocation, and bench/plan_accuracy.py holds the sum to the
 process's measured peak:
 
-- weights (`weight_bytes`): the loader maps the GGUF and keeps most matrices as views of the mapping,
-  resident once the forward reads them. Weights of one type that take the same input (q/k/v, gate/up:
-  dispatch.FusedLinear) are stacked into copies and the originals' pages released, so they count once
-  (the row-permuted q/k of NeoX-RoPE models are views of the stacked copy). 1-D tensors become
-  float32 copies; an untied token embedding is read a row per token (plus the kernel's fault-around);
-  matrices the fast CPU kernels do not take are decoded once to float32 (dispatch.QWeight.dense)
-  next to their packed rows.
+- weights (`weight_bytes`): on the CPU the loader keeps every matrix as a view of the mapped GGUF,
+  resident once the forward reads it; nothing is stacked or permuted into a copy (dispatch.FusedLinear
+  writes each weight's columns of one output; NeoX RoPE rotates the halves in place), because Linux
+  kernels that map the page cache's large folios whole bring released pages back as soon as a
+  neighbour is read. 1-D tensors become float32 copies; an untied token embedding is read by row from
+  the file, never mapped; matrices the fast CPU kernels do not take are decoded once to float32
+  (dispatch.QWeight.dense) next to their packed rows.
 - KV cache: n_kv_heads * head_dim values of K and of V per token per attention layer in the cache
   type's blocks (model/kvcache.py), allocated whole (torch.zeros writes every page).
 - workspace (`workspace_bytes`): the float32 activations alive at the peak of one prefill chunk.
@@ -29,7 +29,6 @@ from vramfit.gguf.types import type_by_name
 
 GiB, MiB = 2**30, 2**20
 PAGE = 4096
-FAULT_AROUND = 64 * 2**10  # Linux maps this much around a faulting file page (fault_around_bytes)
 MMAP_THRESHOLD_MAX = 32 * MiB  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 
@@ -171,18 +170,17 @@ def weight_bytes(info: ModelInfo, dev: Device, n_ctx: int, host: frozenset[str])
 
 
 def _unread_embedding(info: ModelInfo, n_ctx: int) -> tuple[int, str]:
-    """An untied embedding is mapped and a lookup reads a row per token, but a page fault maps the
-    whole aligned FAULT_AROUND window around the row (Linux's fault-around, for file pages in the page
-    cache). n_ctx distinct rows spread over the vocabulary touch W (1 - (1 - 1/W)^n_ctx) of its W
-    windows; the rest stays unmapped."""
+    """An untied embedding is only looked up, and a lookup reads its rows from the file
+    (dispatch.QWeight.read_rows_from_file): none of it is mapped. Through the mapping each row would
+    map at least the fault-around window around it, and on Linux kernels that map the page cache's
+    large folios whole (6.16+ on ext4, seen here) megabytes per row, a number no plan can know."""
     embed = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
     if embed is None or info.tied_output:
         return 0, ""
-    windows = -(-embed.nbytes // FAULT_AROUND)
-    rows = min(n_ctx, info.n_vocab)
-    read = min(embed.nbytes, round(windows * -math.expm1(rows * math.log1p(-1 / windows))) * FAULT_AROUND)
-    note = f"embedding mapped: {read / MiB:.1f} of {embed.nbytes / MiB:.1f} MiB resident for {rows:,} rows"
-    return embed.nbytes - read, note
+    return (
+        embed.nbytes,
+        f"embedding read by row from the file: none of its {embed.nbytes / MiB:.1f} MiB mapped",
+    )
 
 
 @lru_cache(maxsize=16)

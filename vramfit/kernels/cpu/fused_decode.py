@@ -22,7 +22,7 @@ import torch
 from vramfit.kernels import dispatch
 from vramfit.kernels.cpu import TYPE_IDS, _qgemm, available
 
-MAX_PARTS = 3  # runs of weight types in one stacked product (qkv: q+k in one type, v in another)
+MAX_PARTS = 3  # weights of one product, outputs adjacent (qkv: q, k, v; CPU weights are not stacked)
 
 
 class _Weight(ctypes.Structure):
@@ -45,7 +45,7 @@ class _Layer(ctypes.Structure):
     ]
 
 
-_SIZES = ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "rope_dim", "max_ctx")
+_SIZES = ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "rope_dim", "max_ctx", "neox")
 _SCRATCH = ("xn", "qkv", "att", "y", "ffn", "scores")
 
 
@@ -131,7 +131,8 @@ class FusedDecoder:
             "ffn": torch.empty(2 * f, dtype=torch.float32),
             "scores": torch.empty(h * max_ctx, dtype=torch.float32),
         }
-        sizes = dict(zip(_SIZES, (cfg.n_layer, e, f, h, kv, d, cfg.rope.dim, max_ctx), strict=True))
+        neox = int(cfg.rope.style == "neox")
+        sizes = dict(zip(_SIZES, (cfg.n_layer, e, f, h, kv, d, cfg.rope.dim, max_ctx, neox), strict=True))
         self.desc = _Model(
             **sizes, eps=cfg.norm_eps, scale=d**-0.5, layers=ctypes.addressof(layers),
             **{n: t.data_ptr() for n, t in self.scratch.items()},

@@ -52,6 +52,7 @@ typedef struct {
 typedef struct {
     int64_t n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, rope_dim;
     int64_t max_ctx; /* positions the score buffer holds per head */
+    int64_t neox;    /* rope pairs: 0 adjacent (x0, x1), 1 NeoX (x_j, x_{j + rope_dim/2}) */
     double eps, scale;
     const ql_layer *layers;
     /* scratch */
@@ -103,14 +104,17 @@ static void rmsnorm(const float *x, const float *w, float *out, int64_t K, doubl
 /* adjacent pairs (x0, x1) of the first rope_dim dims of each head times (cos + i sin), as torch's
  * complex multiply: each product rounded, then added (never inlined into the FMA code below, where
  * the compiler would fuse them) */
-static __attribute__((noinline)) void rope(float *x, int64_t heads, int64_t D, int64_t rope_dim, const float *rot) {
+static __attribute__((noinline)) void rope(float *x, int64_t heads, int64_t D, int64_t rope_dim, const float *rot,
+                                           int64_t neox) {
+    const int64_t half = rope_dim / 2, gap = neox ? half : 1, step = neox ? 1 : 2;
     for (int64_t h = 0; h < heads; h++) {
         float *xh = x + h * D;
-        for (int64_t j = 0; j < rope_dim / 2; j++) {
-            const float a = xh[2 * j], b = xh[2 * j + 1], c = rot[2 * j], s = rot[2 * j + 1];
+        for (int64_t j = 0; j < half; j++) {
+            float *pa = xh + j * step, *pb = pa + gap;
+            const float a = *pa, b = *pb, c = rot[2 * j], s = rot[2 * j + 1];
             const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
-            xh[2 * j] = ac - bs;
-            xh[2 * j + 1] = as + bc;
+            *pa = ac - bs;
+            *pb = as + bc;
         }
     }
 }
@@ -192,8 +196,8 @@ static int decode_layer(const ql_model *m, int64_t layer, const ql_step *s) {
         for (int64_t h = 0; h < H; h++) rmsnorm(q + h * D, L->q_norm, q + h * D, D, m->eps);
         for (int64_t h = 0; h < KV; h++) rmsnorm(k + h * D, L->k_norm, k + h * D, D, m->eps);
     }
-    rope(q, H, D, m->rope_dim, s->rope);
-    rope(k, KV, D, m->rope_dim, s->rope);
+    rope(q, H, D, m->rope_dim, s->rope, m->neox);
+    rope(k, KV, D, m->rope_dim, s->rope, m->neox);
     attention(m, layer, s);
     if ((rc = linear(&L->wo, m->att, H * D, m->y, s))) return rc;
     add_to(s->x, m->y, E);
