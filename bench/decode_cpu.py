@@ -5,6 +5,10 @@ vramfit / peer. Run:  .venv/bin/python bench/decode_cpu.py [models ...] [-p 512]
 The peer is looked for in this interpreter, or in another one given with --peer-python.
 --hybrid adds a Qwen3.5-0.8B-shaped model (Gated DeltaNet + gated attention, random weights, Q4_K_M,
 written to a temporary file by `make-random`): the hybrid architecture has no shippable small weights.
+--iq4ks adds an IQ4_KS file of Qwen2.5-Coder-1.5B made by `vramfit quantize` (a temporary file).
+--ik-bench PATH makes the peer ik_llama.cpp: its `llama-bench` binary, built from source outside the
+project (cmake -B build -DGGML_NATIVE=ON -DGGML_IQK_FA_ALL_QUANTS=OFF; cmake --build build --target
+llama-bench), run on the same files with `-t THREADS -p N -n N -r R -o json` in the same invocation.
 """
 
 from __future__ import annotations
@@ -69,6 +73,36 @@ def run_peer(python: str, path: str, n_p: int, n_g: int, reps: int, threads: int
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def run_ik(binary: str, path: str, n_p: int, n_g: int, reps: int, threads: int) -> list[dict] | None:
+    """ik_llama.cpp's llama-bench on `path`: rows {test, tps_mean, tps_std} as ours."""
+    cmd = [
+        binary,
+        "-m",
+        path,
+        "-t",
+        str(threads),
+        "-p",
+        str(n_p),
+        "-n",
+        str(n_g),
+        "-r",
+        str(reps),
+        "-o",
+        "json",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(
+            f"llama-bench failed on {path}: {(res.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr
+        )
+        return None
+    rows = []
+    for r in json.loads(res.stdout[res.stdout.index("[") :]):
+        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        rows.append({"test": test, "tps_mean": r["avg_ts"], "tps_std": r["stddev_ts"]})
+    return rows
+
+
 def peer_available(python: str) -> bool:
     res = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
     return res.returncode == 0
@@ -82,8 +116,18 @@ def main() -> None:
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with llama_cpp installed")
     ap.add_argument("--hybrid", action="store_true", help="also a random Qwen3.5-0.8B-shaped model")
+    ap.add_argument("--iq4ks", action="store_true", help="also Qwen2.5-Coder-1.5B quantized to IQ4_KS")
+    ap.add_argument(
+        "--ik-bench", help="ik_llama.cpp's llama-bench binary: the peer instead of llama-cpp-python"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.iq4ks:
+            from vramfit.cli import main as cli
+
+            args.models.append(f"{tmp}/qwen2.5-coder-1.5b-iq4_ks.gguf")
+            if cli(["quantize", "qwen2.5-coder-1.5b", args.models[-1], "IQ4_KS"]) != 0:
+                raise SystemExit("quantize to IQ4_KS failed")
         if args.hybrid:
             from vramfit.model.random_model import random_model_spec, write_random_model
 
@@ -96,14 +140,22 @@ def bench_all(args: argparse.Namespace) -> None:
     from vramfit.hub import resolve
 
     threads = torch.get_num_threads()
-    have_peer = peer_available(args.peer_python)
-    print(f"threads: {threads}; peer llama-cpp-python: {'yes' if have_peer else 'not installed'}\n")
-    print("| model | test | vramfit t/s | llama-cpp-python t/s | ratio |")
+    if args.ik_bench:
+        peer_name = "ik_llama.cpp"
+        print(f"threads: {threads}; peer ik_llama.cpp: {args.ik_bench}\n")
+    else:
+        peer_name = "llama-cpp-python"
+        have_peer = peer_available(args.peer_python)
+        print(f"threads: {threads}; peer llama-cpp-python: {'yes' if have_peer else 'not installed'}\n")
+    print(f"| model | test | vramfit t/s | {peer_name} t/s | ratio |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in args.models:
         path = str(resolve(name))
         ours = run_ours(name, args.n_prompt, args.n_gen, args.repetitions)
-        peer = run_peer(args.peer_python, path, args.n_prompt, args.n_gen, args.repetitions, threads)
+        if args.ik_bench:
+            peer = run_ik(args.ik_bench, path, args.n_prompt, args.n_gen, args.repetitions, threads)
+        else:
+            peer = run_peer(args.peer_python, path, args.n_prompt, args.n_gen, args.repetitions, threads)
         peer_by_test = {r["test"]: r for r in peer or []}
         for r in ours:
             p = peer_by_test.get(r["test"])
