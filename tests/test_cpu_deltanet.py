@@ -1,4 +1,5 @@
-"""The Gated DeltaNet's C kernels (kernels/cpu/qops_avx512.c) against the torch reference ops of
+"""The Gated DeltaNet's C kernels (kernels/cpu/qops_avx512.c, qops_avx2.c: each test on every
+instruction set the machine has) against the torch reference ops of
 model/qwen35.py: the causal conv + SiLU (outputs and the carried state, over kernel sizes, channel counts
 that are not multiples of 16, 1..300 new rows, strided rows, thread counts) and the one-token delta-rule
 step (outputs and the updated state, over head counts and dims, chained over many tokens)."""
@@ -11,7 +12,22 @@ import torch
 from vramfit.kernels import cpu, dispatch
 from vramfit.model.qwen35 import causal_conv, delta_rule_step
 
-pytestmark = pytest.mark.skipif(not cpu.conv_supported(), reason="the DeltaNet kernels need AVX-512")
+pytestmark = pytest.mark.skipif(not cpu.conv_supported(), reason="the fast CPU kernels are not built here")
+ISAS = [
+    i
+    for i in ("avx2", "avx512vnni")
+    if cpu.available() and cpu.ISA_NAMES.index(i) <= cpu.ISA_NAMES.index(cpu.isa())
+]
+if cpu.available() and cpu.isa() != "avx512vnni":  # stated, so that the skip is visible
+    ISAS.append(pytest.param("avx512vnni", marks=pytest.mark.skip(reason="this CPU has no AVX-512 VNNI")))
+
+
+@pytest.fixture(params=ISAS, autouse=True)
+def isa(request):
+    """Every test with at most this instruction set in use."""
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa(None)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 7])

@@ -192,7 +192,7 @@ def swiglu(gate_up: torch.Tensor, threads: int) -> torch.Tensor:
 
 
 def conv_supported() -> bool:
-    return available() and _qgemm.cpu_level() >= 2
+    return available()
 
 
 def conv_silu(x: torch.Tensor, state: torch.Tensor, taps: torch.Tensor, threads: int) -> torch.Tensor:

@@ -83,6 +83,10 @@ void qg_delta_step_avx512(const float *q, const float *k, const float *v, const 
                           float *out, int64_t H, int64_t nk, int64_t dk, int64_t dv, int nthreads);
 void qg_conv_silu_avx512(const float *state, const float *x, int64_t ldx, const float *wt, float *out, int64_t T,
                          int64_t C, int K, int nthreads);
+void qg_delta_step_avx2(const float *q, const float *k, const float *v, const float *g, const float *beta, float *state,
+                        float *out, int64_t H, int64_t nk, int64_t dk, int64_t dv, int nthreads);
+void qg_conv_silu_avx2(const float *state, const float *x, int64_t ldx, const float *wt, float *out, int64_t T,
+                       int64_t C, int K, int nthreads);
 
 /* per-ISA entry points; return 0 on success, nonzero on bad arguments/allocation failure */
 int qg_matmul_avx2(const qg_args *a);

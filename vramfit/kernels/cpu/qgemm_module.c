@@ -341,13 +341,13 @@ static PyObject *py_conv_silu(PyObject *self, PyObject *const *args, Py_ssize_t 
     long long T = PyLong_AsLongLong(args[5]), C = PyLong_AsLongLong(args[6]);
     int K = (int)PyLong_AsLong(args[7]), nth = (int)PyLong_AsLong(args[8]);
     if (PyErr_Occurred()) return NULL;
-    if (level < 2 || K < 1 || K > QG_CONV_MAX_K || T < 0 || C < 1 || ldx < C) {
-        PyErr_SetString(PyExc_RuntimeError, "conv_silu needs AVX-512 and 1 <= K <= 16");
+    if (level < 1 || K < 1 || K > QG_CONV_MAX_K || T < 0 || C < 1 || ldx < C) {
+        PyErr_SetString(PyExc_RuntimeError, "conv_silu needs AVX2 and 1 <= K <= 16");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&lock);
-    qg_conv_silu_avx512(state, x, ldx, wt, out, T, C, K, nth);
+    (level >= 2 ? qg_conv_silu_avx512 : qg_conv_silu_avx2)(state, x, ldx, wt, out, T, C, K, nth);
     pthread_mutex_unlock(&lock);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -367,13 +367,13 @@ static PyObject *py_delta_step(PyObject *self, PyObject *const *args, Py_ssize_t
     long long dk = PyLong_AsLongLong(args[9]), dv = PyLong_AsLongLong(args[10]);
     int nth = (int)PyLong_AsLong(args[11]);
     if (PyErr_Occurred()) return NULL;
-    if (level < 2 || H < 1 || nk < 1 || H % nk || dk < 1 || dv < 1 || dv > QG_DELTA_MAX_DV) {
-        PyErr_SetString(PyExc_RuntimeError, "delta_step needs AVX-512, H a multiple of n_k and d_v <= 1024");
+    if (level < 1 || H < 1 || nk < 1 || H % nk || dk < 1 || dv < 1 || dv > QG_DELTA_MAX_DV) {
+        PyErr_SetString(PyExc_RuntimeError, "delta_step needs AVX2, H a multiple of n_k and d_v <= 1024");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&lock);
-    qg_delta_step_avx512(p[0], p[1], p[2], p[3], p[4], state, out, H, nk, dk, dv, nth);
+    (level >= 2 ? qg_delta_step_avx512 : qg_delta_step_avx2)(p[0], p[1], p[2], p[3], p[4], state, out, H, nk, dk, dv, nth);
     pthread_mutex_unlock(&lock);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;

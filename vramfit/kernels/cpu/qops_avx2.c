@@ -79,3 +79,105 @@ void qg_swiglu_avx2(const float *gu, float *out, int64_t rows, int64_t n_ff, int
     sjob2 j = {gu, out, rows, n_ff, 0};
     qg_parallel(swiglu2_task, &j, rows * n_ff < (1 << 14) ? 1 : nthreads);
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * the Gated DeltaNet's causal depthwise conv + SiLU and one-token delta-rule step: the algorithms of
+ * qops_avx512.c (see there) on 8-float vectors, masked loads and stores for a ragged last vector
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *state, *x, *wt; /* (K-1, C), (T, C), (K, C) */
+    float *out;                  /* (T, C) */
+    int64_t T, C, ldx;
+    int K;
+    int64_t next;
+} cjob2;
+
+#define CONV_ROWS 8 /* rows per work item */
+
+static inline __m256 silu8(__m256 v) {
+    return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+}
+
+static void conv2_row(const cjob2 *j, int64_t t) {
+    const float *src[QG_CONV_MAX_K];
+    for (int k = 0; k < j->K; k++) {
+        const int64_t r = t + k; /* row of xs */
+        src[k] = r < j->K - 1 ? j->state + r * j->C : j->x + (r - (j->K - 1)) * j->ldx;
+    }
+    float *o = j->out + t * j->C;
+    for (int64_t c = 0; c < j->C; c += 8) {
+        const __m256i m = head_mask(j->C - c < 8 ? j->C - c : 8);
+        __m256 acc = _mm256_setzero_ps();
+        for (int k = 0; k < j->K; k++)
+            acc = _mm256_fmadd_ps(_mm256_maskload_ps(j->wt + k * j->C + c, m), _mm256_maskload_ps(src[k] + c, m), acc);
+        _mm256_maskstore_ps(o + c, m, silu8(acc));
+    }
+}
+
+static void conv2_task(void *arg, int tid) {
+    (void)tid;
+    cjob2 *j = (cjob2 *)arg;
+    for (;;) {
+        const int64_t t0 = __atomic_fetch_add(&j->next, CONV_ROWS, __ATOMIC_RELAXED);
+        if (t0 >= j->T) break;
+        for (int64_t t = t0; t < t0 + CONV_ROWS && t < j->T; t++) conv2_row(j, t);
+    }
+}
+
+void qg_conv_silu_avx2(const float *state, const float *x, int64_t ldx, const float *wt, float *out, int64_t T,
+                       int64_t C, int K, int nthreads) {
+    cjob2 j = {state, x, wt, out, T, C, ldx, K, 0};
+    qg_parallel(conv2_task, &j, T * C < 65536 ? 1 : nthreads);
+}
+
+typedef struct {
+    const float *q, *k, *v, *g, *beta; /* (n_k, d_k), (n_k, d_k), (H, d_v), (H,), (H,) */
+    float *state, *out;                /* (H, d_k, d_v), (H, d_v) */
+    int64_t H, nk, dk, dv;
+    int64_t next;
+} djob2;
+
+static void delta2_head(const djob2 *j, int64_t h, float *u) {
+    const int64_t dk = j->dk, dv = j->dv;
+    const float *q = j->q + (h % j->nk) * dk, *k = j->k + (h % j->nk) * dk, *v = j->v + h * dv;
+    float *S = j->state + h * dk * dv, *o = j->out + h * dv;
+    const float decay = expf(j->g[h]), beta = j->beta[h];
+    for (int64_t c = 0; c < dv; c += 8) { /* u = beta (v - e^g S^T k) */
+        const __m256i m = head_mask(dv - c < 8 ? dv - c : 8);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < dk; i++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(k[i]), _mm256_maskload_ps(S + i * dv + c, m), acc);
+        const __m256 mem = _mm256_mul_ps(acc, _mm256_set1_ps(decay));
+        _mm256_maskstore_ps(u + c, m, _mm256_mul_ps(_mm256_set1_ps(beta), _mm256_sub_ps(_mm256_maskload_ps(v + c, m), mem)));
+    }
+    for (int64_t c = 0; c < dv; c += 8) { /* S = e^g S + k u^T, o = S^T q */
+        const __m256i m = head_mask(dv - c < 8 ? dv - c : 8);
+        const __m256 uc = _mm256_maskload_ps(u + c, m), dc = _mm256_set1_ps(decay);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < dk; i++) {
+            float *row = S + i * dv + c;
+            const __m256 s = _mm256_fmadd_ps(_mm256_set1_ps(k[i]), uc, _mm256_mul_ps(dc, _mm256_maskload_ps(row, m)));
+            _mm256_maskstore_ps(row, m, s);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(q[i]), s, acc);
+        }
+        _mm256_maskstore_ps(o + c, m, acc);
+    }
+}
+
+static void delta2_task(void *arg, int tid) {
+    (void)tid;
+    djob2 *j = (djob2 *)arg;
+    float u[QG_DELTA_MAX_DV];
+    for (;;) {
+        const int64_t h = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (h >= j->H) break;
+        delta2_head(j, h, u);
+    }
+}
+
+void qg_delta_step_avx2(const float *q, const float *k, const float *v, const float *g, const float *beta, float *state,
+                        float *out, int64_t H, int64_t nk, int64_t dk, int64_t dv, int nthreads) {
+    djob2 j = {q, k, v, g, beta, state, out, H, nk, dk, dv, 0};
+    qg_parallel(delta2_task, &j, H * dk * dv < 65536 ? 1 : nthreads);
+}
