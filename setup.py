@@ -67,6 +67,8 @@ def _extensions():
                     "qgemm_unpack.h",
                     "qgemm_unpack_iqk.h",
                     "qgemm_decode.h",
+                    "qgemm_decode_avx2.h",
+                    "qgemm_fused.h",
                     "qgemm_tiles.h",
                     "qmath_avx512.h",
                     "qmath_avx2.h",

@@ -113,10 +113,12 @@ def isa(request):
 
 
 def _isas_for(k: int) -> list[str]:
-    """Every instruction set this CPU has; the AVX2 fallback only on the shorter row lengths."""
+    """Every instruction set this CPU has; the AVX2 fallback of an AVX-512 CPU only on the shorter
+    row lengths (the best instruction set the CPU has runs every row length)."""
     have = cpu.ISA_NAMES.index(cpu.isa())
     isas = [name for name in ("avx512vnni", "avx2") if cpu.ISA_NAMES.index(name) <= have]
-    return [name for name in isas if name != "avx2" or k in AVX2_K_SIZES]
+    best = cpu.ISA_NAMES[have]
+    return [name for name in isas if name == best or k in AVX2_K_SIZES]
 
 
 @needs_ext

@@ -7,69 +7,9 @@
  *   Q4K (Q4_K, Q5_K, IQ5_KS): per 256, the 32-blocks in the order 0 2 1 3 4 6 5 7;
  *   NATURAL (Q8_0, Q6_K).
  * Scales are handled 4 blocks (legacy) or one super-block (K-quants) at a time in vector registers.
+ * The activation layout (fact, reorder_act) and the driver are shared with AVX2 (qgemm_fused.h,
+ * qgemm_impl.h).
  */
-
-enum { ORD_NATURAL = 0, ORD_SPLIT16 = 1, ORD_Q4K = 2 };
-
-static int fused_order(int type) {
-    switch (type) {
-    case QG_Q4_0: case QG_Q4_1: case QG_Q5_0: case QG_Q5_1: case QG_IQ4_NL: return ORD_SPLIT16;
-    case QG_IQ4_XS: case QG_IQ4_KS: return ORD_SPLIT16;
-    case QG_Q4_K: case QG_Q5_K: case QG_IQ5_KS: return ORD_Q4K;
-    case QG_IQ4_K: return ORD_SPLIT16;
-    case QG_Q8_0: case QG_Q6_K: return ORD_NATURAL;
-    default: return -1;
-    }
-}
-
-/* compact activation row for the fused kernels */
-typedef struct {
-    const uint8_t *q; /* K (padded to 128) int8, reordered */
-    const float *dx;  /* per 32-block scale, natural block order, zero padded to a multiple of 4 */
-    const float *s32; /* dx * sum(q) per 32-block */
-    const float *s16; /* dx * sum(q) per 16 weights */
-} fact;
-
-typedef struct {
-    int64_t dx, s32, s16, stride;
-} flayout;
-
-static flayout make_flayout(int64_t K) {
-    flayout F;
-    const int64_t nb4 = (K / 32 + 3) / 4 * 4;
-    F.dx = round64(nb4 * 32);
-    F.s32 = F.dx + round64(nb4 * 4);
-    F.s16 = F.s32 + round64(nb4 * 4);
-    F.stride = F.s16 + round64(nb4 * 8);
-    return F;
-}
-
-/* natural quantized row (layout L) -> fused row (layout F) */
-static void reorder_act(const uint8_t *src, const layout *L, int64_t K, int order, uint8_t *dst, const flayout *F) {
-    const int64_t nb = K / 32;
-    memset(dst, 0, (size_t)F->stride);
-    const float *dxl = (const float *)(src + L->dl), *xs = (const float *)(src + L->sm);
-    float *dx = (float *)(dst + F->dx), *s32 = (float *)(dst + F->s32), *s16 = (float *)(dst + F->s16);
-    for (int64_t b = 0; b < nb; b++) {
-        dx[b] = dxl[8 * b];
-        s16[2 * b] = xs[2 * b];
-        s16[2 * b + 1] = xs[2 * b + 1];
-        s32[b] = xs[2 * b] + xs[2 * b + 1];
-    }
-    if (order == ORD_NATURAL) {
-        memcpy(dst, src, (size_t)K);
-    } else if (order == ORD_SPLIT16) {
-        for (int64_t b = 0; b < nb; b++) {
-            const int64_t g = b / 4, i = b % 4;
-            memcpy(dst + 128 * g + 16 * i, src + 32 * b, 16);
-            memcpy(dst + 128 * g + 64 + 16 * i, src + 32 * b + 16, 16);
-        }
-    } else {
-        static const int pos[8] = {0, 2, 1, 3, 4, 6, 5, 7}; /* slot s holds 32-block pos[s] */
-        for (int64_t b = 0; b < K / 256; b++)
-            for (int s = 0; s < 8; s++) memcpy(dst + 256 * b + 32 * s, src + 256 * b + 32 * pos[s], 32);
-    }
-}
 
 static inline __m512 lanes_of4(__m128 s) { /* [s0 x4, s1 x4, s2 x4, s3 x4] */
     const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -461,8 +401,6 @@ static inline __attribute__((always_inline)) void dec_iq4k(int type, const uint8
     }
     for (int j = 0; j < NY; j++) out[j * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j], cacc[j]));
 }
-
-typedef void (*dec_fn)(const uint8_t *row, int64_t nblocks, const fact *A, float *out, int64_t ldo);
 
 #define DDEF(T, KIND, ny) \
     static void dec_##T##_##ny(const uint8_t *row, int64_t nb, const fact *A, float *out, int64_t ldo) { \

@@ -9,8 +9,9 @@
  *   3. integer dot products per 4-weight lane (AVX-512 VNNI dpbusd, AVX2 maddubs), converted to
  *      float per scale group and scaled by weight scale * activation scale; the group offsets add
  *      sum_g mw[g] * xs[g].
- * AVX-512: batches up to 8 use the fused kernels of qgemm_decode.h straight from the packed rows;
- * larger ones unpack 16 rows at a time into an interleaved tile that the `ikern` micro-kernel
+ * Batches up to 8 use the fused kernels straight from the packed rows (qgemm_decode.h for AVX-512,
+ * qgemm_decode_avx2.h for AVX2, sharing qgemm_fused.h and the driver `fused_matmul`). AVX-512:
+ * larger batches unpack 16 rows at a time into an interleaved tile that the `ikern` micro-kernel
  * multiplies with 8 activation rows at once (see there). AVX2: 4 unpacked rows x 4 activation rows
  * per micro-kernel call (`kern`), activation rows in chunks that fit the L2.
  * Unpacking costs O(K) per weight row and is shared by all activation rows of a chunk. Threads
@@ -209,8 +210,15 @@ static const kern_fn kernels_split[NWMAX][NYMAX] = {KROWS(1), KROWS(2), KROWS(3)
 static const kern_fn kernels[NWMAX][NYMAX] = {KROW(1), KROW(2), KROW(3), KROW(4)};
 #endif
 
+/* ---------------------------------------------------------------------------------------------
+ * fused decode path (n <= 8), both widths: the per-ISA kernels read the packed rows directly */
+
+#include "qgemm_fused.h"
 #if QG_W == 512
 #include "qgemm_decode.h"
+#else
+#include "qgemm_decode_avx2.h"
+#endif
 
 static void *fact_buf;
 static size_t fact_cap;
@@ -287,7 +295,6 @@ static int fused_matmul(const qg_args *a, int nth) {
     qg_parallel(dec_task, &job, nth);
     return 0;
 }
-#endif
 
 
 #if QG_W == 512
@@ -448,9 +455,7 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
     if (n <= 0 || N <= 0) return 0;
     int nth = a->nthreads < 1 ? 1 : (a->nthreads > MAXTHREADS ? MAXTHREADS : a->nthreads);
     if ((double)n * N * K < 200000.0) nth = 1; /* too small to pay for waking a thread */
-#if QG_W == 512
     if (n <= 8 && pick_dec(a->type)) return fused_matmul(a, nth);
-#endif
     /* long rows are walked in chunks of 2048 weights, so that many activation rows fit the L2 and
      * each unpacked weight chunk serves them all */
 #if QG_W == 512 /* interleaved tiles stream activations from L3 at ease: chunk only very long rows */
