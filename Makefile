@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 DEMO_MODEL ?= smollm2-135m
 DEMO_PROMPT ?= The capital of France is
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-slow lint bench clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,14 @@ $(VENV)/.dev: $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/vramfit run $(DEMO_MODEL) -p "$(DEMO_PROMPT)" -n 32 --temp 0
 
+# tests marked `slow` (the larger forms of a few real-model and interpreter tests) are deselected
+# here and in CI, which runs their small forms; `make test-slow` runs them
 test: $(VENV)/.dev
 	$(PY) -m ruff check vramfit tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.dev
+	$(PY) -m pytest -q -m slow
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check vramfit tests bench

@@ -5,8 +5,9 @@ copy of the weight. The C extension `_qgemm` (built by setup.py; AVX2 or AVX-512
 time) quantizes the activations to 8-bit blocks of 32, as llama.cpp does for its CPU dot products, and
 multiplies them with the weight codes in integer arithmetic (dpbusd / maddubs), accumulating per block
 in float32. Two paths:
-- n <= 8 (decode, AVX-512): fused per-type kernels read the packed rows directly, for the types that
-  have one (q4_0..q8_0, iq4_nl, q4_K..q6_K, iq4_xs, iq4_ks, iq4_k, iq5_ks);
+- n <= 8 (decode): fused per-type kernels read the packed rows directly, for the types that have one
+  (q4_0..q8_0, iq4_nl, q4_K..q6_K, iq4_xs, iq4_ks, iq4_k, iq5_ks), on both ISAs (qgemm_decode.h,
+  qgemm_decode_avx2.h; one driver and activation layout, qgemm_fused.h);
 - otherwise (prefill, and the other types): weight rows are unpacked to 8-bit codes plus group scales
   in a small per-thread buffer. AVX-512: 16 rows at a time into a tile whose 4-weight lanes are
   interleaved, so one dpbusd serves 16 rows and the 8 activation rows of a micro-kernel call share
@@ -21,7 +22,9 @@ Accuracy: the only approximation is that 8-bit activation quantization. Against 
 summation order only). tests/test_cpu_kernels.py checks both.
 
 For one decoded token, `fused_decode` (qlayer.c) runs every layer of a llama-family model in one call
-on these kernels: the norms, rope, attention and SwiGLU between the products too.
+on these kernels: the norms, rope, attention and SwiGLU between the products too. Attention, SwiGLU
+and the Gated DeltaNet's conv and one-token step have AVX2 kernels (qops_avx2.c; the attention and
+SwiGLU on the decode step's own math, qmath_avx2.h) and AVX-512 ones (qattn_avx512.c, qops_avx512.c).
 
 When the extension is missing (not x86-64, no compiler at install time, CPU without AVX2),
 `available()` is False and callers use the reference path (vramfit.kernels.dispatch).
