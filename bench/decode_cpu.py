@@ -97,7 +97,9 @@ def run_ik(binary: str, path: str, n_p: int, n_g: int, reps: int, threads: int) 
         )
         return None
     rows = []
-    for r in json.loads(res.stdout[res.stdout.index("[") :]):
+    # its JSON can be interleaved with warnings printed to stdout (e.g. "WARNING: ... ggml_calloc!")
+    text = "\n".join(ln for ln in res.stdout.splitlines() if not ln[:1].isalpha())
+    for r in json.loads(text[text.index("[") :]):
         test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
         rows.append({"test": test, "tps_mean": r["avg_ts"], "tps_std": r["stddev_ts"]})
     return rows
