@@ -70,6 +70,7 @@ def _extensions():
                     "qgemm_decode_avx2.h",
                     "qgemm_fused.h",
                     "qgemm_tiles.h",
+                    "qgemm_tiles_avx2.h",
                     "qmath_avx512.h",
                     "qmath_avx2.h",
                     "qlayer.h",

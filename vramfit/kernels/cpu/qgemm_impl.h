@@ -10,18 +10,17 @@
  *      float per scale group and scaled by weight scale * activation scale; the group offsets add
  *      sum_g mw[g] * xs[g].
  * Batches up to 8 use the fused kernels straight from the packed rows (qgemm_decode.h for AVX-512,
- * qgemm_decode_avx2.h for AVX2, sharing qgemm_fused.h and the driver `fused_matmul`). AVX-512:
- * larger batches unpack 16 rows at a time into an interleaved tile that the `ikern` micro-kernel
- * multiplies with 8 activation rows at once (see there). AVX2: 4 unpacked rows x 4 activation rows
- * per micro-kernel call (`kern`), activation rows in chunks that fit the L2.
+ * qgemm_decode_avx2.h for AVX2, sharing qgemm_fused.h and the driver `fused_matmul`). Larger
+ * batches unpack IR rows at a time into an interleaved tile that the `ikern` micro-kernel multiplies
+ * with IY activation rows at once: AVX-512 16 rows x 8 (qgemm_tiles.h), AVX2 8 rows x 4, activation
+ * rows in chunks that fit the L2 (qgemm_tiles_avx2.h); one driver (`irun_item`) for both.
  * Unpacking costs O(K) per weight row and is shared by all activation rows of a chunk. Threads
- * (qg_parallel, qgemm_module.c) take 16-row work items from an atomic counter.
+ * (qg_parallel, qgemm_module.c) take one tile's rows per work item from an atomic counter.
  */
 #include <stdlib.h>
 #include "qgemm.h"
 #include "qgemm_unpack.h"
 
-#define NWMAX 4
 #define NYMAX 4
 #define ROWS_PER_ITEM 16
 #define MAXTHREADS 64
@@ -63,9 +62,6 @@ static layout make_layout(int64_t K) {
     return L;
 }
 
-/* AVX2 kernel variant (`variant` of the plan, SPLIT of `kern`): 1 = codes below 128 (4/5/6-bit
- * types), multiplied as they are, without the sign trick */
-static int variant(int type) { return unpack_small(type); }
 
 /* ---------------------------------------------------------------------------------------------
  * activation quantization */
@@ -115,100 +111,6 @@ static void quantize_row(const float *x, int64_t K, uint8_t *dst, const layout *
     }
 }
 
-/* ---------------------------------------------------------------------------------------------
- * AVX2 micro-kernel: out[j * ldo + r] = row r . activation j, r < NW, j < NY */
-
-typedef struct {
-    const uint8_t *w[NWMAX]; /* unpacked weight rows */
-    const uint8_t *x[NYMAX]; /* quantized activation rows */
-    float *out;
-    int64_t ldo, K;
-    const layout *L;
-    int accum; /* add to out (later K chunks) instead of storing */
-} kargs;
-
-#if QG_W == 256 /* the per-row kernel (AVX2; AVX-512 uses the interleaved one below) */
-static inline __attribute__((always_inline)) float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline __attribute__((always_inline)) void kern(const kargs *ka, const int NW, const int NY, const int SPLIT) {
-    const int64_t K = ka->K, dl = ka->L->dl;
-    __m256 acc[NWMAX][NYMAX];
-    for (int r = 0; r < NW; r++)
-        for (int j = 0; j < NY; j++) acc[r][j] = _mm256_setzero_ps();
-    const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-    if (SPLIT) { /* codes < 128: maddubs cannot saturate (2 * 127 * 127 < 32768) */
-        for (int64_t k = 0; k < K; k += 32) {
-            __m256i w[NWMAX];
-            __m256 s[NWMAX];
-            for (int r = 0; r < NW; r++) {
-                w[r] = _mm256_loadu_si256((const __m256i *)(ka->w[r] + k));
-                s[r] = _mm256_loadu_ps((const float *)(ka->w[r] + dl) + k / 4);
-            }
-            for (int j = 0; j < NY; j++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(ka->x[j] + k));
-                const __m256 dv = _mm256_loadu_ps((const float *)(ka->x[j] + dl) + k / 4);
-                for (int r = 0; r < NW; r++) {
-                    __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones);
-                    acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(s[r], dv), acc[r][j]);
-                }
-            }
-        }
-    }
-    for (int64_t k = 0; !SPLIT && k < K; k += 32) {
-        __m256i a[NWMAX], sg[NWMAX];
-        __m256 s[NWMAX];
-        for (int r = 0; r < NW; r++) {
-            sg[r] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(ka->w[r] + k)), bias);
-            a[r] = _mm256_abs_epi8(sg[r]);
-            s[r] = _mm256_loadu_ps((const float *)(ka->w[r] + dl) + k / 4);
-        }
-        for (int j = 0; j < NY; j++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(ka->x[j] + k));
-            const __m256 dv = _mm256_loadu_ps((const float *)(ka->x[j] + dl) + k / 4);
-            for (int r = 0; r < NW; r++) {
-                __m256i p = _mm256_maddubs_epi16(a[r], _mm256_sign_epi8(xv, sg[r]));
-                __m256i t = _mm256_madd_epi16(p, ones);
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(s[r], dv), acc[r][j]);
-            }
-        }
-    }
-    const int64_t sm = ka->L->sm;
-    /* group offsets: the sign-trick kernel (SPLIT == 0) multiplies the true signed values, and those
-     * types' offsets are exactly -128 * scale, so only the small-code kernel has any to add */
-    for (int64_t g = 0; SPLIT && g < K / 16; g += 8) {
-        const __m256i mg = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(K / 16 - g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        __m256 mwv[NWMAX];
-        for (int r = 0; r < NW; r++) mwv[r] = _mm256_maskload_ps((const float *)(ka->w[r] + sm) + g, mg);
-        for (int j = 0; j < NY; j++) {
-            const __m256 xsv = _mm256_maskload_ps((const float *)(ka->x[j] + sm) + g, mg);
-            for (int r = 0; r < NW; r++) acc[r][j] = _mm256_fmadd_ps(mwv[r], xsv, acc[r][j]);
-        }
-    }
-    for (int r = 0; r < NW; r++)
-        for (int j = 0; j < NY; j++)
-            ka->out[j * ka->ldo + r] = hsum(acc[r][j]) + (ka->accum ? ka->out[j * ka->ldo + r] : 0.0f);
-}
-
-typedef void (*kern_fn)(const kargs *);
-#define KDEF(nw, ny) \
-    static void CAT(kern_##nw##_##ny, QG_SFX)(const kargs *ka) { kern(ka, nw, ny, 0); } \
-    static void CAT(kerns_##nw##_##ny, QG_SFX)(const kargs *ka) { kern(ka, nw, ny, 1); }
-KDEF(1, 1) KDEF(1, 2) KDEF(1, 3) KDEF(1, 4)
-KDEF(2, 1) KDEF(2, 2) KDEF(2, 3) KDEF(2, 4)
-KDEF(3, 1) KDEF(3, 2) KDEF(3, 3) KDEF(3, 4)
-KDEF(4, 1) KDEF(4, 2) KDEF(4, 3) KDEF(4, 4)
-#define KROW(nw) \
-    { CAT(kern_##nw##_1, QG_SFX), CAT(kern_##nw##_2, QG_SFX), CAT(kern_##nw##_3, QG_SFX), CAT(kern_##nw##_4, QG_SFX) }
-#define KROWS(nw) \
-    { CAT(kerns_##nw##_1, QG_SFX), CAT(kerns_##nw##_2, QG_SFX), CAT(kerns_##nw##_3, QG_SFX), CAT(kerns_##nw##_4, QG_SFX) }
-static const kern_fn kernels_split[NWMAX][NYMAX] = {KROWS(1), KROWS(2), KROWS(3), KROWS(4)};
-static const kern_fn kernels[NWMAX][NYMAX] = {KROW(1), KROW(2), KROW(3), KROW(4)};
-#endif
 
 /* ---------------------------------------------------------------------------------------------
  * fused decode path (n <= 8), both widths: the per-ISA kernels read the packed rows directly */
@@ -299,6 +201,8 @@ static int fused_matmul(const qg_args *a, int nth) {
 
 #if QG_W == 512
 #include "qgemm_tiles.h"
+#else
+#include "qgemm_tiles_avx2.h"
 #endif
 
 /* ---------------------------------------------------------------------------------------------
@@ -310,18 +214,16 @@ typedef struct {
     const layout *L;
     const uint8_t *act;
     int64_t nc, ntiles;
-    int split;
+    int small; /* unpack_small: codes below 128, offsets in the groups (else signed values + 128) */
     int64_t kc, nkc;     /* K is walked in nkc chunks of kc weights (the last may be shorter) */
     int64_t bsize, bbytes; /* weights and bytes per block, to find a chunk inside a packed row */
     int row_meta;          /* bytes of row scale in front of the blocks (IQ4_KS, IQ5_KS) */
     int group;             /* weights per scale/offset group of the type (16 or 32) */
-#if QG_W == 512
     ilayout IL;
-#endif
+    const ikern_fn *ik;    /* the tile micro-kernels for 1..IY activation rows */
 } plan;
 
-#if QG_W == 512
-/* run_item for interleaved tiles: scratch = 16 linear rows, packed-chunk copies, tile, output block */
+/* a work item on interleaved tiles: scratch = IR linear rows, packed-chunk copies, tile, output block */
 static void irun_item(const plan *p, int64_t item, uint8_t *ubuf) {
     const qg_args *a = p->a;
     const int64_t chunk = item / p->ntiles, tile = item % p->ntiles;
@@ -344,76 +246,24 @@ static void irun_item(const plan *p, int64_t item, uint8_t *ubuf) {
                 rows[r] = dst;
             }
         }
-        fill_tile(rows, nr, klen, p->unpack, p->L, p->group, lin, tbuf);
+        fill_tile(rows, nr, klen, p->unpack, p->L, p->group, p->small, lin, tbuf);
         const uint8_t *act = p->act + kk * a->n * istride;
         for (int64_t y = y0; y < y_end; y += IY) {
             const int ny = y_end - y < IY ? (int)(y_end - y) : IY;
             const uint8_t *xr[IY];
             for (int j = 0; j < ny; j++) xr[j] = act + (y + j) * istride;
-            ikernels[p->group == 32][ny - 1](tbuf, xr, &p->IL, klen, obuf + (y - y0) * IR, kk > 0);
+            p->ik[ny - 1](tbuf, xr, &p->IL, klen, obuf + (y - y0) * IR, kk > 0);
         }
     }
     for (int64_t y = y0; y < y_end; y++) memcpy(a->out + y * a->N + r0, obuf + (y - y0) * IR, (size_t)nr * 4);
 }
-#endif
-
-#if QG_W == 256
-static void run_item(const plan *p, int64_t item, uint8_t *ubuf) {
-    const qg_args *a = p->a;
-    const int64_t chunk = item / p->ntiles, tile = item % p->ntiles;
-    const int64_t r_end = a->N < (tile + 1) * ROWS_PER_ITEM ? a->N : (tile + 1) * ROWS_PER_ITEM;
-    const int64_t y0 = chunk * p->nc, y_end = a->n < y0 + p->nc ? a->n : y0 + p->nc;
-    const int64_t stride = p->L->stride;
-    /* results go to a [y][16] scratch first and then to `out` a line at a time: the kernel's 4-wide
-     * column writes at a stride of N floats would thrash the L1 sets for large N */
-    float *obuf = (float *)(ubuf + (NWMAX + 2) * stride);
-    kargs ka;
-    ka.ldo = ROWS_PER_ITEM;
-    ka.L = p->L;
-    for (int64_t kk = 0; kk < p->nkc; kk++) {
-        const int64_t k0 = kk * p->kc, klen = a->K - k0 < p->kc ? a->K - k0 : p->kc;
-        const int64_t woff = p->nkc > 1 ? k0 / p->bsize * p->bbytes : 0;
-        const uint8_t *act = p->act + kk * a->n * stride;
-        ka.K = klen;
-        ka.accum = kk > 0;
-        for (int64_t r0 = tile * ROWS_PER_ITEM; r0 < r_end; r0 += NWMAX) {
-            const int nw = r_end - r0 < NWMAX ? (int)(r_end - r0) : NWMAX;
-            for (int r = 0; r < nw; r++) {
-                uint8_t *u = ubuf + r * stride;
-                const uint8_t *src = a->w + (r0 + r) * a->row_nbytes + woff;
-                if (p->row_meta && woff) { /* the chunk's blocks behind a copy of the row scale */
-                    uint8_t *packed = ubuf + (NWMAX + 1) * stride;
-                    memcpy(packed, a->w + (r0 + r) * a->row_nbytes, (size_t)p->row_meta);
-                    memcpy(packed + p->row_meta, src + p->row_meta, (size_t)(klen / p->bsize * p->bbytes));
-                    src = packed;
-                }
-                p->unpack(src, klen, u, (float *)(u + p->L->dl), (float *)(u + p->L->sm));
-                ka.w[r] = u;
-            }
-            for (int64_t y = y0; y < y_end; y += NYMAX) {
-                const int ny = y_end - y < NYMAX ? (int)(y_end - y) : NYMAX;
-                for (int j = 0; j < ny; j++) ka.x[j] = act + (y + j) * stride;
-                ka.out = obuf + (y - y0) * ROWS_PER_ITEM + (r0 - tile * ROWS_PER_ITEM);
-                (p->split ? kernels_split : kernels)[nw - 1][ny - 1](&ka);
-            }
-        }
-    }
-    const int64_t r0 = tile * ROWS_PER_ITEM, nr = r_end - r0;
-    for (int64_t y = y0; y < y_end; y++)
-        memcpy(a->out + y * a->N + r0, obuf + (y - y0) * ROWS_PER_ITEM, (size_t)nr * 4);
-}
-#endif
 
 /* activation row j into the plan's layout, one K chunk after the other */
 static void quantize_act(const plan *p, int64_t j) {
     const int64_t K = p->a->K;
     for (int64_t kk = 0; kk < p->nkc; kk++) {
         const int64_t k0 = kk * p->kc, klen = K - k0 < p->kc ? K - k0 : p->kc;
-#if QG_W == 512
         iquantize_row(p->a->x + j * K + k0, klen, (uint8_t *)p->act + (kk * p->a->n + j) * p->IL.stride, &p->IL);
-#else
-        quantize_row(p->a->x + j * K + k0, klen, (uint8_t *)p->act + (kk * p->a->n + j) * p->L->stride, p->L);
-#endif
     }
 }
 
@@ -440,11 +290,7 @@ static void gemm_task(void *arg, int tid) {
     for (;;) {
         const int64_t it = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
         if (it >= job->total) break;
-#if QG_W == 512
         irun_item(job->p, it, unp_buf[tid]);
-#else
-        run_item(job->p, it, unp_buf[tid]);
-#endif
     }
 }
 
@@ -466,28 +312,24 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
     const int64_t bsize = qg_row_nbytes(a->type, 32) ? 32 : 256;
     const int row_meta = (int)(2 * qg_row_nbytes(a->type, bsize) - qg_row_nbytes(a->type, 2 * bsize));
     const layout L = make_layout(kc);
-#if QG_W == 512
     const ilayout IL = make_ilayout(kc);
-    const int64_t astride = IL.stride, nc = n < 512 ? n : 512; /* the tile is unpacked once per nc rows */
+    const int64_t astride = IL.stride;
+#if QG_W == 512
+    const int64_t nc = n < 512 ? n : 512; /* the tile is unpacked once per nc rows */
 #else
-    const int64_t astride = L.stride;
     /* activation rows per chunk: 512 KiB of quantized rows, half of a 1 MiB L2 (Zen 4/5) */
     int64_t nc = (1 << 19) / astride;
-    nc = nc < NYMAX ? NYMAX : (nc > 512 ? 512 : nc - nc % NYMAX);
+    nc = nc < IY ? IY : (nc > 512 ? 512 : nc - nc % IY);
 #endif
     uint8_t *act = grow(&act_buf, &act_cap, (size_t)(nkc * n * astride));
     if (!act) return 2;
-    size_t scratch = (size_t)((NWMAX + 2) * L.stride + ROWS_PER_ITEM * nc * 4); /* rows, 2 spare, output */
-#if QG_W == 512 /* linear rows, packed chunks, tile, output */
-    scratch = (size_t)(IR * L.stride + packed_bytes(kc) + round64(tile_bytes(kc)) + IR * nc * 4);
-#endif
+    /* linear rows, packed chunks, tile, output */
+    const size_t scratch = (size_t)(IR * L.stride + packed_bytes(kc) + round64(tile_bytes(kc)) + IR * nc * 4);
     for (int t = 0; t < nth; t++)
         if (!grow(&unp_buf[t], &unp_cap[t], scratch)) return 2;
-    plan p = {a,   unpack, &L,    act,   nc, (N + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, variant(a->type),
-              kc,  nkc,    bsize, qg_row_nbytes(a->type, bsize) - row_meta, row_meta, unpack_group(a->type)};
-#if QG_W == 512
-    p.IL = IL;
-#endif
+    const int group = unpack_group(a->type);
+    plan p = {a,     unpack, &L,    act,  nc, (N + IR - 1) / IR, unpack_small(a->type), kc, nkc, bsize,
+              qg_row_nbytes(a->type, bsize) - row_meta, row_meta, group, IL, pick_ikern(a->type, group)};
     /* few rows: quantize here, so that the threads start without waiting for each other */
     gjob job = {&p, ((n + nc - 1) / nc) * p.ntiles, 0, 0, 0, nth > 1 && n > 8};
     if (!job.quant_inside)

@@ -87,7 +87,8 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
  * tile: codes by 16 x 16 dword transposes, the per-group scales and offsets by gathers across rows.
  * Rows nr..15 get zero codes and scales; their lanes are never stored. */
 static void fill_tile(const uint8_t *const *rows, int nr, int64_t klen, unpack_fn unpack, const layout *L,
-                      int group, uint8_t *lin, uint8_t *tile) {
+                      int group, int small, uint8_t *lin, uint8_t *tile) {
+    (void)small; /* dpbusd takes unsigned codes of any size: no signed form needed */
     const int64_t S = L->stride, ng = klen / group;
     for (int r = 0; r < nr; r++)
         unpack(rows[r], klen, lin + r * S, (float *)(lin + r * S + L->dl), (float *)(lin + r * S + L->sm));
@@ -162,3 +163,8 @@ static const ikern_fn ikernels[2][IY] = {
     {ikern_16_1, ikern_16_2, ikern_16_3, ikern_16_4, ikern_16_5, ikern_16_6, ikern_16_7, ikern_16_8},
     {ikern_32_1, ikern_32_2, ikern_32_3, ikern_32_4, ikern_32_5, ikern_32_6, ikern_32_7, ikern_32_8},
 };
+
+static const ikern_fn *pick_ikern(int type, int group) {
+    (void)type;
+    return ikernels[group == 32];
+}
