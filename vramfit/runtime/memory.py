@@ -295,8 +295,9 @@ def runtime_bytes(info: ModelInfo, dev: Device, batch: int, n_ctx: int) -> int:
 
 def kernel_scratch_bytes(info: ModelInfo, batch: int) -> int:
     """The C kernels quantize a chunk's activations into one buffer that only grows
-    (kernels/cpu/qgemm_impl.h: rows of K are cut in chunks kc of 2048 when K > 3072; per chunk and row
-    kc codes padded to 128, kc lane-scale bytes, kc/4 group-sum bytes, each rounded to 64)."""
+    (kernels/cpu/qgemm_impl.h, the tiles' `ilayout` on both ISAs: rows of K are cut in chunks kc of 2048
+    when K > 3072 on AVX2, 8192 when K > 16384 on AVX-512; per chunk and row kc codes, a scale per 32,
+    a sum per 16 and per 32, each rounded to 64 bytes)."""
     from vramfit.kernels import cpu as cpu_kernels
 
     if not cpu_kernels.available():
@@ -304,11 +305,11 @@ def kernel_scratch_bytes(info: ModelInfo, batch: int) -> int:
     widths = {
         t.shape[-1] for t in info.tensors if len(t.shape) == 2 and cpu_kernels.supports(t.type, t.shape[-1])
     }
+    wide = cpu_kernels.isa() == "avx512vnni"
 
     def act(k: int) -> int:
-        kc = 2048 if k > 3072 else k
-        k128 = -(-kc // 128) * 128
-        stride = 2 * _round64(k128) + _round64(kc // 4)
+        kc = (8192 if k > 16384 else k) if wide else (2048 if k > 3072 else k)
+        stride = _round64(kc) + 2 * _round64(kc // 32 * 4) + _round64(kc // 16 * 4)
         return -(-k // kc) * batch * stride
 
     return -(-max(map(act, widths), default=0) // PAGE) * PAGE
