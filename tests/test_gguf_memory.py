@@ -97,3 +97,29 @@ def test_rewriting_a_mapped_file_keeps_its_readers_valid(tmp_path):
     assert list(toks) == ["alpha", "beta", "gamma"]
     assert GGUFFile(p).metadata["toks"] == ["x"]
     assert sorted(q.name for q in tmp_path.iterdir()) == ["m.gguf"]  # no partial file left
+
+
+def test_untied_embedding_rows_come_from_the_file_not_the_mapping(model_path):
+    """Qwen2.5's untied embedding: a lookup reads its rows with pread (the same rows the mapping
+    decodes), maps none of its pages, and a row outside the vocabulary is an IndexError."""
+    import torch
+
+    from vramfit.model.loader import load_model
+    from vramfit.runtime.memory import PAGE
+
+    model, _ = load_model(model_path("qwen2.5-coder-0.5b"), 64)
+    embed = model.embed
+    assert embed is not model.output and embed._file is not None
+    ids = torch.tensor([3, 151643, 99999, 99999])
+    got = embed.rows(ids)
+    buf = np.frombuffer(embed.packed.numpy(), dtype=np.uint8)  # the mapped rows: a view of the file
+    first, last = buf.ctypes.data // PAGE, (buf.ctypes.data + buf.nbytes - 1) // PAGE
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        present = np.frombuffer(f.read((last - first + 1) * 8), dtype=np.uint64) >> np.uint64(63)
+    row_pages = [(buf.ctypes.data + r * embed.packed.shape[1]) // PAGE - first for r in ids.tolist()]
+    assert not any(present[p] for p in row_pages)  # looked up, never mapped
+    ref = embed.__class__(embed.packed, embed.gtype, embed.shape, embed.name).rows(ids)  # the mapping's
+    assert got.shape == (4, embed.shape[1]) and torch.equal(got, ref)
+    with pytest.raises(IndexError, match="row 151936"):
+        embed.rows(torch.tensor([151936]))
