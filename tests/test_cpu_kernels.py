@@ -277,3 +277,22 @@ def test_rms_norm_matches_torch(shape):
     w = torch.randn(shape[-1], generator=gen)
     want = torch.nn.functional.rms_norm(x.double(), (shape[-1],), w.double(), 1e-6).float()
     torch.testing.assert_close(cpu.rms_norm(x, w, 1e-6), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("types", [("q4_k", "q4_k", "q6_k"), ("q4_1", "q8_0"), ("iq4_ks", "q5_0", "q2_k", "iq4_ks")])
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_parts_equal_separate_products(types, n):
+    """qmatmul_parts (q/k/v, gate/up in one pass of the kernels) gives each part what its own qmatmul
+    gives: the same kernels on the same quantized activations, bit for bit; parts the fused path does
+    not take together (q2_k, batches above 8) run one after the other."""
+    gen = torch.Generator().manual_seed(n)
+    k = 512
+    x = torch.randn(n, k, generator=gen)
+    weights = [random_rows(t, 16 * (i + 1) + 5, k, gen) for i, t in enumerate(types)]
+    outs = [torch.full((n, w.shape[0]), float("nan")) for w in weights]
+    cpu.qmatmul_parts(x, [(w, t, o) for w, t, o in zip(weights, types, outs, strict=True)], threads=2)
+    for w, t, o in zip(weights, types, outs, strict=True):
+        assert torch.equal(o, cpu.qmatmul(x, w, t, threads=2))
+    with pytest.raises(ValueError, match="1 to 4 parts"):
+        cpu.qmatmul_parts(x, [(weights[0], types[0], outs[0])] * 5, threads=1)

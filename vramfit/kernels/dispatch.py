@@ -339,16 +339,21 @@ class FusedLinear:
             return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
         flat = x.reshape(-1, x.shape[-1])
         out = torch.empty((flat.shape[0], self.n_out), dtype=torch.float32, device=x.device)
-        c0 = 0
-        for w, bias, _ in self.groups:
-            cols = out[:, c0 : c0 + w.shape[0]]
-            if flat.shape[0] == 1 and _fast(w, flat) and not input_observers:  # a contiguous slice
-                cpu_kernels.qmatmul(flat.contiguous(), w.packed, w.gtype.name, out=cols, threads=_threads)
+        c0, one = 0, flat.shape[0] == 1 and not input_observers and len(self.groups) <= 4
+        if one and all(_fast(w, flat) and w.packed.is_contiguous() for w, _, _ in self.groups):
+            # one row: each weight's columns are a contiguous slice, all filled in one kernel pass
+            parts = []
+            for w, _, _ in self.groups:
+                parts.append((w.packed, w.gtype.name, out[:, c0 : c0 + w.shape[0]]))
+                c0 += w.shape[0]
+            cpu_kernels.qmatmul_parts(flat.contiguous(), parts, _threads)
+            for (w, bias, _), (_, _, cols) in zip(self.groups, parts, strict=True):
                 if bias is not None:
                     cols.add_(bias)
-            else:
-                cols.copy_(linear(flat, w, bias))
-            c0 += w.shape[0]
+        else:
+            for w, bias, _ in self.groups:
+                out[:, c0 : c0 + w.shape[0]].copy_(linear(flat, w, bias))
+                c0 += w.shape[0]
         out = out.view(*x.shape[:-1], self.n_out)
         sizes = [s for _, _, ss in self.groups for s in ss]
         return list(out.split(sizes, dim=-1))

@@ -130,6 +130,24 @@ def qmatmul(
     return out
 
 
+def qmatmul_parts(x: torch.Tensor, parts: list[tuple[torch.Tensor, str, torch.Tensor]], threads: int) -> None:
+    """x (n, K) float32 @ W_i.T into out_i for each (packed_i, type_i, out_i) of at most 4 parts, in one
+    pass of the kernels for n <= 8 (x quantized once, one wake of the thread pool). Each out_i must
+    be a contiguous float32 (n, N_i) tensor; the packed rows contiguous uint8."""
+    n, k = x.shape
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise TypeError("qmatmul_parts expects contiguous float32 activations")
+    desc = []
+    for packed, type_name, out in parts:
+        rows, nbytes = packed.shape
+        if packed.dtype != torch.uint8 or not packed.is_contiguous():
+            raise TypeError("qmatmul_parts expects contiguous uint8 packed rows")
+        if out.shape != (n, rows) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of shape {(n, rows)}")
+        desc.append((packed.data_ptr(), rows, nbytes, TYPE_IDS[type_name.lower()], out.data_ptr()))
+    _qgemm.matmul_parts(x.data_ptr(), n, k, tuple(desc), threads)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of a contiguous float32 CPU tensor, in one C call."""
     out = torch.empty_like(x)
@@ -241,6 +259,7 @@ __all__ = [
     "available",
     "isa",
     "qmatmul",
+    "qmatmul_parts",
     "rms_norm",
     "row_nbytes",
     "set_isa",

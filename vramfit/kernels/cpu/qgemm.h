@@ -91,5 +91,9 @@ void qg_conv_silu_avx2(const float *state, const float *x, int64_t ldx, const fl
 /* per-ISA entry points; return 0 on success, nonzero on bad arguments/allocation failure */
 int qg_matmul_avx2(const qg_args *a);
 int qg_matmul_avx512(const qg_args *a);
+/* several products at once (at most 4 parts; those sharing x, n <= 8 and K take one pass over the
+ * thread pool, the others run one after the other) */
+int qg_matmul_parts_avx2(const qg_args *parts, int nparts);
+int qg_matmul_parts_avx512(const qg_args *parts, int nparts);
 
 #endif

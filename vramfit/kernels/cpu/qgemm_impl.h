@@ -337,3 +337,85 @@ int CAT(qg_matmul_, QG_SFX)(const qg_args *a) {
     qg_parallel(gemm_task, &job, nth);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * several products of the same few activation rows (q, k, v; gate, up): the activations are
+ * quantized once and the parts' tiles go to the threads through one counter, so the pool wakes
+ * once instead of once per part. Parts the fused kernels do not take, or batches above 8, run one
+ * after the other. */
+
+#define MAXPARTS 4
+
+typedef struct {
+    dplan p[MAXPARTS];
+    int64_t first[MAXPARTS + 1]; /* the parts' first tiles in the shared numbering */
+    int np;
+    int64_t next;
+} mjob;
+
+static void multi_task(void *arg, int tid) {
+    (void)tid;
+    mjob *job = (mjob *)arg;
+    for (;;) {
+        const int64_t t = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (t >= job->first[job->np]) break;
+        int i = 0;
+        while (t >= job->first[i + 1]) i++;
+        run_dec_item(&job->p[i], t - job->first[i]);
+    }
+}
+
+int CAT(qg_matmul_parts_, QG_SFX)(const qg_args *parts, int nparts) {
+    const qg_args *a0 = &parts[0];
+    int fused = nparts >= 1 && nparts <= MAXPARTS && a0->n >= 1 && a0->n <= 8 && a0->K > 0 && a0->K % 32 == 0;
+    double work = 0;
+    for (int i = 0; fused && i < nparts; i++) {
+        const qg_args *a = &parts[i];
+        fused = a->x == a0->x && a->n == a0->n && a->K == a0->K && a->N > 0 && pick_dec(a->type) &&
+                fused_order(a->type) == fused_order(a0->type) && qg_row_nbytes(a->type, a->K) == a->row_nbytes;
+        work += (double)a->n * a->N * a->K;
+    }
+    if (!fused) {
+        for (int i = 0; i < nparts; i++) {
+            const int rc = CAT(qg_matmul_, QG_SFX)(&parts[i]);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+    const int64_t n = a0->n, K = a0->K;
+    int nth = a0->nthreads < 1 ? 1 : (a0->nthreads > MAXTHREADS ? MAXTHREADS : a0->nthreads);
+    if (work < 200000.0) nth = 1;
+    const layout L = make_layout(K);
+    const flayout F = make_flayout(K);
+    uint8_t *act = grow(&act_buf, &act_cap, (size_t)(n * L.stride));
+    uint8_t *fa = grow(&fact_buf, &fact_cap, (size_t)(n * F.stride));
+    if (!act || !fa) return 2;
+    mjob job;
+    job.np = nparts;
+    job.next = 0;
+    job.first[0] = 0;
+    for (int64_t j = 0; j < n; j++) {
+        quantize_row(a0->x + j * K, K, act + j * L.stride, &L);
+        uint8_t *dst = fa + j * F.stride;
+        reorder_act(act + j * L.stride, &L, K, fused_order(a0->type), dst, &F);
+        job.p[0].A[j].q = dst;
+        job.p[0].A[j].dx = (const float *)(dst + F.dx);
+        job.p[0].A[j].s32 = (const float *)(dst + F.s32);
+        job.p[0].A[j].s16 = (const float *)(dst + F.s16);
+    }
+    for (int i = 0; i < nparts; i++) {
+        dplan *p = &job.p[i];
+        const qg_args *a = &parts[i];
+        if (i) memcpy(p->A, job.p[0].A, sizeof(p->A));
+        p->a = a;
+        p->dec = pick_dec(a->type);
+        p->nblocks = qg_row_nbytes(a->type, 32) ? K / 32 : K / 256;
+        int64_t rows = (a->N + 8 * nth - 1) / (8 * nth); /* as fused_matmul's tiles */
+        rows = (rows + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM * ROWS_PER_ITEM;
+        p->rows = rows < ROWS_PER_ITEM ? ROWS_PER_ITEM : rows;
+        p->ntiles = (a->N + p->rows - 1) / p->rows;
+        job.first[i + 1] = job.first[i] + p->ntiles;
+    }
+    qg_parallel(multi_task, &job, nth);
+    return 0;
+}

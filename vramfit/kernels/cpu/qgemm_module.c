@@ -235,6 +235,56 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* matmul_parts(x_ptr, n, K, ((w_ptr, N, row_nbytes, type_id, out_ptr), ...), nthreads): several
+ * products of the same activations in one pass of the kernels (at most 4 parts) */
+static PyObject *py_matmul_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5 || !PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "matmul_parts(x_ptr, n, K, parts tuple, nthreads)");
+        return NULL;
+    }
+    const Py_ssize_t np = PyTuple_GET_SIZE(args[3]);
+    if (np < 1 || np > 4) {
+        PyErr_SetString(PyExc_ValueError, "matmul_parts takes 1 to 4 parts");
+        return NULL;
+    }
+    qg_args a[4];
+    for (Py_ssize_t i = 0; i < np; i++) {
+        PyObject *t = PyTuple_GET_ITEM(args[3], i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 5) {
+            PyErr_SetString(PyExc_TypeError, "a part is (w_ptr, N, row_nbytes, type_id, out_ptr)");
+            return NULL;
+        }
+        a[i].x = (const float *)PyLong_AsVoidPtr(args[0]);
+        a[i].n = PyLong_AsLongLong(args[1]);
+        a[i].K = PyLong_AsLongLong(args[2]);
+        a[i].w = (const uint8_t *)PyLong_AsVoidPtr(PyTuple_GET_ITEM(t, 0));
+        a[i].N = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 1));
+        a[i].row_nbytes = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+        a[i].type = (int)PyLong_AsLong(PyTuple_GET_ITEM(t, 3));
+        a[i].out = (float *)PyLong_AsVoidPtr(PyTuple_GET_ITEM(t, 4));
+        a[i].nthreads = (int)PyLong_AsLong(args[4]);
+    }
+    if (PyErr_Occurred()) return NULL;
+    if (level <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "no supported CPU instruction set (needs AVX2 + FMA)");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&lock);
+    rc = level >= 2 ? qg_matmul_parts_avx512(a, (int)np) : qg_matmul_parts_avx2(a, (int)np);
+    pthread_mutex_unlock(&lock);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_SetString(rc == 2 ? PyExc_MemoryError : PyExc_ValueError,
+                        rc == 2 ? "qgemm: out of memory for scratch buffers"
+                                : "qgemm: unsupported type or row size");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* rmsnorm(x_ptr, w_ptr, out_ptr, rows, K, eps): out = x / sqrt(mean(x^2) + eps) * w, row by row.
  * The sum of squares is accumulated in double, as ggml does. One call replaces torch's composite
  * rms_norm (several ops, ~10 us each decode step on these shapes). */
@@ -388,6 +438,8 @@ static PyMethodDef methods[] = {
      "bytes per packed row for (type_id, K); 0 when unsupported"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
      "matmul(x_ptr, n, K, w_ptr, N, row_nbytes, type_id, out_ptr, nthreads)"},
+    {"matmul_parts", (PyCFunction)(void (*)(void))py_matmul_parts, METH_FASTCALL,
+     "matmul_parts(x_ptr, n, K, ((w_ptr, N, row_nbytes, type_id, out_ptr), ...), nthreads)"},
     {"swiglu", (PyCFunction)(void (*)(void))py_swiglu, METH_FASTCALL, "swiglu(gu_ptr, out_ptr, rows, n_ff, nthreads)"},
     {"delta_step", (PyCFunction)(void (*)(void))py_delta_step, METH_FASTCALL,
      "delta_step(q, k, v, g, beta, state, out, H, n_k, d_k, d_v, nthreads): one token of the delta rule"},

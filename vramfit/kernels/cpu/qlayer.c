@@ -74,7 +74,7 @@ typedef struct {
     float *k, *v;      /* KV cache: (n_layer, n_head_kv, cache_ctx, head_dim) float32 each */
     int64_t cache_ctx;
     int nth;
-    matmul_fn matmul;
+    int (*matmul_parts)(const qg_args *parts, int nparts);
     /* silu(gate) * up: the Python path's SwiGLU kernel of the same instruction set, so both round alike */
     void (*swiglu)(const float *gu, float *out, int64_t rows, int64_t n_ff, int nthreads);
 } ql_step;
@@ -155,16 +155,22 @@ static void attn_task(void *arg, int tid) {
 /* ------------------------------------------------------------------------------------------------
  * the layer */
 
-/* out = x @ W^T (+ bias), one part after the other; 0 or the matmul's error code */
+/* out = x @ W^T (+ bias), the parts' outputs adjacent, in one pass of the kernels; 0 or the matmul's
+ * error code */
 static int linear(const ql_linear *lin, const float *x, int64_t K, float *out, const ql_step *s) {
+    qg_args a[QL_MAX_PARTS];
+    float *o = out;
     for (int64_t i = 0; i < lin->nparts; i++) {
         const ql_weight *w = &lin->part[i];
-        const qg_args a = {.x = x, .n = 1, .K = K, .w = w->data, .N = w->rows, .row_nbytes = w->row_nbytes,
-                           .type = (int)w->type, .out = out, .nthreads = s->nth};
-        const int rc = s->matmul(&a);
-        if (rc) return rc;
-        if (w->bias) add_to(out, w->bias, w->rows);
-        out += w->rows;
+        a[i] = (qg_args){.x = x, .n = 1, .K = K, .w = w->data, .N = w->rows, .row_nbytes = w->row_nbytes,
+                         .type = (int)w->type, .out = o, .nthreads = s->nth};
+        o += w->rows;
+    }
+    const int rc = s->matmul_parts(a, (int)lin->nparts);
+    if (rc) return rc;
+    for (int64_t i = 0; i < lin->nparts; i++) {
+        const ql_weight *w = &lin->part[i];
+        if (w->bias) add_to(a[i].out, w->bias, w->rows);
     }
     return 0;
 }
@@ -253,7 +259,7 @@ PyObject *ql_py_decode_layers(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_ValueError, "decode_layers: layers outside the model");
         return NULL;
     }
-    s.matmul = level >= 2 ? qg_matmul_avx512 : qg_matmul_avx2;
+    s.matmul_parts = level >= 2 ? qg_matmul_parts_avx512 : qg_matmul_parts_avx2;
     s.swiglu = level >= 2 ? qg_swiglu_avx512 : qg_swiglu_avx2;
     int rc;
     Py_BEGIN_ALLOW_THREADS
