@@ -279,8 +279,11 @@ def test_rms_norm_matches_torch(shape):
     torch.testing.assert_close(cpu.rms_norm(x, w, 1e-6), want, atol=1e-5, rtol=1e-5)
 
 
+PART_TYPES = [("q4_k", "q4_k", "q6_k"), ("q4_1", "q8_0"), ("iq4_ks", "q5_0", "q2_k", "iq4_ks")]
+
+
 @needs_ext
-@pytest.mark.parametrize("types", [("q4_k", "q4_k", "q6_k"), ("q4_1", "q8_0"), ("iq4_ks", "q5_0", "q2_k", "iq4_ks")])
+@pytest.mark.parametrize("types", PART_TYPES)
 @pytest.mark.parametrize("n", [1, 3, 9])
 def test_parts_equal_separate_products(types, n):
     """qmatmul_parts (q/k/v, gate/up in one pass of the kernels) gives each part what its own qmatmul

@@ -347,7 +347,7 @@ class FusedLinear:
                 parts.append((w.packed, w.gtype.name, out[:, c0 : c0 + w.shape[0]]))
                 c0 += w.shape[0]
             cpu_kernels.qmatmul_parts(flat.contiguous(), parts, _threads)
-            for (w, bias, _), (_, _, cols) in zip(self.groups, parts, strict=True):
+            for (_w, bias, _), (_, _, cols) in zip(self.groups, parts, strict=True):
                 if bias is not None:
                     cols.add_(bias)
         else:
