@@ -25,7 +25,7 @@ demo: $(VENV)/.base
 # here and in CI, which runs their small forms; `make test-slow` runs them
 test: $(VENV)/.dev
 	$(PY) -m ruff check vramfit tests bench
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow"
 
 test-slow: $(VENV)/.dev
 	$(PY) -m pytest -q -m slow
