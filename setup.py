@@ -71,6 +71,7 @@ def _extensions():
                     "qgemm_fused.h",
                     "qgemm_tiles.h",
                     "qgemm_tiles_avx2.h",
+                    "qgemm_tile_layout.h",
                     "qmath_avx512.h",
                     "qmath_avx2.h",
                     "qlayer.h",

@@ -15,20 +15,7 @@
 #define IR 16 /* rows per tile: the int32 lanes of a zmm */
 #define IY 8  /* activation rows per kernel call */
 
-/* a quantized activation row: K int8 codes, then per 32-block the scale, per 16 the sum d * sum(q),
- * per 32 the same sum */
-typedef struct {
-    int64_t dx, xs, xs32, stride;
-} ilayout;
-
-static ilayout make_ilayout(int64_t K) {
-    ilayout L;
-    L.dx = round64(K);
-    L.xs = L.dx + round64(K / 32 * 4);
-    L.xs32 = L.xs + round64(K / 16 * 4);
-    L.stride = L.xs32 + round64(K / 32 * 4);
-    return L;
-}
+#include "qgemm_tile_layout.h"
 
 /* the same rounding as quantize_row */
 static void iquantize_row(const float *x, int64_t K, uint8_t *dst, const ilayout *L) {
@@ -51,12 +38,6 @@ static void iquantize_row(const float *x, int64_t K, uint8_t *dst, const ilayout
     }
 }
 
-/* tile byte offsets for a K chunk of klen weights: codes, then row scales and offsets per group */
-static inline int64_t tile_dw(int64_t klen) { return IR * klen; }
-static inline int64_t tile_mw(int64_t klen, int group) { return IR * klen + IR * 4 * (klen / group); }
-static inline int64_t tile_bytes(int64_t klen) { return IR * klen + 2 * IR * 4 * (klen / 16); }
-/* room for IR packed row chunks of klen weights (at most 34 bytes per 32, plus a row scale) */
-static inline int64_t packed_bytes(int64_t klen) { return IR * round64(klen * 17 / 16 + 64); }
 
 /* 16 x 16 dwords transposed in registers: r[i][c] -> r[c][i] (64 shuffles) */
 static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
