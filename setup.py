@@ -72,6 +72,7 @@ def _extensions():
                     "qgemm_tiles.h",
                     "qgemm_tiles_avx2.h",
                     "qgemm_tile_layout.h",
+                    "qgemm_dec_table.h",
                     "qmath_avx512.h",
                     "qmath_avx2.h",
                     "qlayer.h",
